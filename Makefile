@@ -1,0 +1,39 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DATA := data/synthetic
+DEMO_SHARDS := data/shards/synthetic
+
+.PHONY: install demo test lint format compare-demo bench clean
+
+install: $(STAMP)
+
+# constraints.txt pins every package (torch 2.14.1 among them) so the install is the same everywhere;
+# `pip install -e .` without it still works inside a user's own CUDA environment.
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip==24.2
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) shards/synthetic.py --out $(DEMO_DATA) --n 1600 --positive-rate 0.2 --size 160 --seed 0
+	$(PY) shards/build.py --images $(DEMO_DATA)/0 --labels $(DEMO_DATA)/labels.csv --out $(DEMO_SHARDS) \
+		--size 96 --shard-size 200 --val-fraction 0.25 --workers 2
+	$(PY) launch/train.py --nproc-per-node 2 --config configs/demo.yaml --resume none
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) lint
+	bash tests/install_test_deps.sh
+	bash tests/run_tests.sh
+
+bench: $(STAMP)
+	$(PY) bench/data_throughput.py
+	$(PY) bench/trainer_overhead.py
+
+clean:
+	rm -rf runs data .pytest_cache

@@ -1,0 +1,65 @@
+"""Training augmentation and test-time augmentation on normalised tensors.
+
+Parameters are drawn from a generator the caller seeds per sample, so a sample's augmentation does not
+depend on which samples came before it (exact mid-epoch resume) or on the worker that decoded it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as F
+
+from dist_train.config import AugmentConfig
+
+TTA_VIEWS = {"none": 1, "hflip": 2, "five_crop_hflip": 10}
+
+
+def to_normalised_tensor(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """HxWx3 uint8 to a 3xHxW float tensor normalised with the backbone's mean and std."""
+    tensor = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1).float().div_(255.0)
+    return F.normalize(tensor, list(mean), list(std))
+
+
+class Augmenter:
+    """Random affine, brightness/contrast and flips, as the recipes configure them."""
+
+    def __init__(self, cfg: AugmentConfig, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.cfg = cfg
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        cfg = self.cfg
+        angle = float(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg))
+        size = image.shape[-1]
+        shift = [int(round(rng.uniform(-cfg.shift, cfg.shift) * size)) for _ in range(2)]
+        scale = float(rng.uniform(1 - cfg.scale, 1 + cfg.scale))
+        brightness = float(rng.uniform(*cfg.brightness))
+        contrast = float(rng.uniform(*cfg.contrast))
+        hflip = cfg.hflip and rng.random() < 0.5
+        vflip = cfg.vflip and rng.random() < 0.5
+        pixels = image * self.std + self.mean
+        if angle or any(shift) or scale != 1.0:
+            pixels = F.affine(pixels, angle=angle, translate=shift, scale=scale, shear=[0.0, 0.0])
+        if brightness != 1.0:
+            pixels = F.adjust_brightness(pixels, brightness)
+        if contrast != 1.0:
+            pixels = F.adjust_contrast(pixels, contrast)
+        if hflip:
+            pixels = F.horizontal_flip(pixels)
+        if vflip:
+            pixels = F.vertical_flip(pixels)
+        return (pixels.clamp_(0, 1) - self.mean) / self.std
+
+
+def tta_views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The views whose predicted probabilities are averaged: 1, 2 (flip) or 10 (five crops x flip)."""
+    if mode == "none":
+        return [images]
+    if mode == "hflip":
+        return [images, F.horizontal_flip(images)]
+    size = images.shape[-1]
+    crop = max(1, int(round(size * 0.875)))
+    crops = [F.resize(view, [size, size], antialias=True) for view in F.five_crop(images, [crop, crop])]
+    return crops + [F.horizontal_flip(view) for view in crops]
