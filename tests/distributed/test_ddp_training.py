@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import write_shards
-from distributed.helpers import REPO, consolidated_weights, kill_after_checkpoint, latest_checkpoint, run_training
+from run_helpers import REPO, consolidated_weights, kill_after_checkpoint, latest_checkpoint, run_training
 
 CONFIG = str(REPO / "configs" / "test_tiny.yaml")
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def train_command(nproc: int, config: str, overrides: list[str], resume: str = "auto") -> list[str]:
