@@ -118,8 +118,7 @@ def iterate_shard(url: str) -> Iterator[dict[str, Any]]:
         raise DataError(f"cannot open shard {url}: {type(error).__name__}: {error}") from None
     try:
         files = tariterators.tar_file_iterator(reader)
-        for sample in tariterators.group_by_keys({**f, "__url__": url} for f in files):
-            yield sample
+        yield from tariterators.group_by_keys({**f, "__url__": url} for f in files)
         if not reader.complete():
             raise DataError(f"shard {url} is truncated (no end-of-archive marker after {reader.total} bytes)")
     except DataError:

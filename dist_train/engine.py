@@ -19,6 +19,7 @@ from torch import nn
 
 from dist_train.config import Config
 from dist_train.distributed import DistEnv
+from dist_train.unfreeze import UnfreezeSchedule
 
 log = logging.getLogger(__name__)
 
@@ -107,28 +108,19 @@ class DeepSpeedEngine:
     kind = "deepspeed"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv,
-                 trainable: set[str]):
+                 schedule: UnfreezeSchedule):
         import deepspeed
 
         self.cfg, self.env, self.module = cfg, env, model
-        self.trainable = set(trainable)
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             param.requires_grad_(True)
-            param.register_hook(self._gate(name))
+        schedule.install_grad_gate(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, env), dist_init_required=False)
         self.accumulation = cfg.train.accumulation_steps
 
-    def _gate(self, name: str):
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            return grad if name in self.trainable else torch.zeros_like(grad)
-        return hook
-
-    def set_trainable(self, trainable: set[str]) -> None:
-        self.trainable = set(trainable)
-
     def on_phase_change(self) -> None:
-        """Parameters stay registered; only the gate changes (set_trainable)."""
+        """Parameters stay registered; the gradient gate reads the schedule's current phase."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with autocast(self.cfg, self.env.device):
@@ -189,9 +181,9 @@ def _read_structured(path: str) -> dict[str, Any]:
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv,
-                 trainable: set[str]) -> DDPEngine | DeepSpeedEngine:
+                 schedule: UnfreezeSchedule) -> DDPEngine | DeepSpeedEngine:
     if cfg.engine.kind == "deepspeed":
-        return DeepSpeedEngine(model, optimizer, cfg, env, trainable)
+        return DeepSpeedEngine(model, optimizer, cfg, env, schedule)
     return DDPEngine(model, optimizer, cfg, env)
 
 

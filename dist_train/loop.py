@@ -36,7 +36,7 @@ from dist_train.engine import autocast, build_engine
 from dist_train.losses import build_loss
 from dist_train.model import build_model, prepare_model
 from dist_train.tracking import Tracker
-from dist_train.unfreeze import LRSchedule, UnfreezeSchedule, build_optimizer, trainable_names
+from dist_train.unfreeze import LRSchedule, UnfreezeSchedule, build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Trainer:
         optimizer = build_optimizer(self.model, self.unfreeze, cfg.optim)
         negatives = self.train_counts.samples - self.train_counts.positives
         self.loss_fn = build_loss(cfg.loss, self.train_counts.positives, negatives)
-        self.engine = build_engine(self.model, optimizer, cfg, env, trainable_names(self.model, "all"))
+        self.engine = build_engine(self.model, optimizer, cfg, env, self.unfreeze)
         self.lr_schedule = LRSchedule(self.engine.optimizer, cfg.schedule, cfg.unfreeze.phases,
                                       self.steps_per_epoch, cfg.train.epochs)
         self.decoders = self._decoders()
@@ -303,8 +303,7 @@ class Trainer:
         phase = self.unfreeze.phase_index_at(epoch)
         if phase == self.state.phase:
             return
-        info = self.unfreeze.apply(self.engine.module, phase)
-        self.engine_apply_phase()
+        info = self._apply_phase(phase)
         self.lr_schedule.on_phase_start(phase, self.state.step)
         self.state.phase = phase
         info = {**info, "epoch": epoch, "step": self.state.step}
@@ -313,12 +312,11 @@ class Trainer:
                  info["train"], info["trainable_params"])
         self.tracker.log_event("phase", info)
 
-    def engine_apply_phase(self) -> None:
-        if self.engine.kind == "deepspeed":
-            self.engine.set_trainable({n for n, p in self.engine.module.named_parameters() if p.requires_grad})
-            for param in self.engine.module.parameters():
-                param.requires_grad_(True)
+    def _apply_phase(self, phase: int) -> dict[str, Any]:
+        """DDP trains what requires_grad says; DeepSpeed keeps every parameter registered and gated."""
+        info = self.unfreeze.apply(self.engine.module, phase, set_requires_grad=self.engine.kind != "deepspeed")
         self.engine.on_phase_change()
+        return info
 
     def _log_train(self, epoch: int, loss: float, images_per_s: float) -> None:
         lrs = [group["lr"] for group in self.engine.optimizer.param_groups]
@@ -358,8 +356,7 @@ class Trainer:
         self.state = TrainerState(**saved["trainer"])
         phase = self.state.phase
         if phase >= 0:
-            self.unfreeze.apply(self.engine.module, phase)
-            self.engine_apply_phase()
+            self._apply_phase(phase)
         checkpoint.load_tensors(folder, self.engine, self.env, saved["world_size"])
         self.lr_schedule.load_state_dict(saved["lr_schedule"])
         self.engine.load_state_extra(_from_jsonable(saved["engine_extra"]))

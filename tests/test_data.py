@@ -13,8 +13,8 @@ from collections import Counter
 
 import pytest
 import torch
-
 from conftest import write_shards
+
 from dist_train.config import DataConfig
 from dist_train.data import (
     DataError,

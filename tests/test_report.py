@@ -1,0 +1,187 @@
+"""dist_train.report and the compare/report CLIs, on run directories written the way the loop writes them.
+
+The HTML report is rendered in headless Chromium (tests/install_test_deps.sh installs it): the
+screenshot must not be blank and the rendered DOM must hold the comparison table's figures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dist_train import metrics, report
+from dist_train.config import config_from_dict, save_config
+from dist_train.distributed import DistEnv
+from dist_train.tracking import Tracker
+
+EPOCHS, STEPS_PER_EPOCH, VAL_SIZE = 5, 4, 600
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_fake_run(root: Path, name: str, *, loss: str, lr: float, bias: float, world_size: int,
+                   seed: int) -> Path:
+    """A finished run: config.yaml, metrics.jsonl, summary.json and predictions_val.csv.
+
+    Validation scores are sigmoid(logit) with class separation growing per epoch; a strongly
+    negative `bias` makes the first epochs predict no positive at 0.5, as real runs often do.
+    """
+    cfg = config_from_dict({
+        "name": name, "data": {"train_shards": "shards/train-{000..007}.tar", "val_shards": "shards/val.tar"},
+        "loss": {"name": loss}, "optim": {"lr": lr}, "train": {"epochs": EPOCHS},
+        "unfreeze": {"phases": [{"from_epoch": 0, "train": "head"},
+                                {"from_epoch": 2, "train": "last_2_blocks", "lr": lr / 10}]},
+        "tracking": {"progress": "none"},
+    })
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
+    tracker = Tracker(cfg, run_dir, DistEnv())
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(VAL_SIZE) < 0.03).astype(int)
+    step = 0
+    for epoch in range(EPOCHS):
+        phase = next(index for index, p in reversed(list(enumerate(cfg.unfreeze.phases))) if p.from_epoch <= epoch)
+        if cfg.unfreeze.phases[phase].from_epoch == epoch:
+            tracker.log_event("phase", {"epoch": epoch, "phase": phase, "train": cfg.unfreeze.phases[phase].train,
+                                        "trainable_params": 330_000 * (1 + 3 * phase)})
+        for _ in range(STEPS_PER_EPOCH):
+            step += 1
+            tracker.log_train(step, {"epoch": epoch, "loss": float(0.9 / (1 + step * 0.1) + rng.random() * 0.02),
+                                     "lr": [lr, lr / 10], "images_per_s": float(40 + rng.random()),
+                                     "phase": cfg.unfreeze.phases[phase].train})
+        logits = rng.normal(size=VAL_SIZE) + (0.5 + 0.6 * epoch) * labels + bias + 0.8 * epoch
+        scores = 1 / (1 + np.exp(-logits))
+        evaluation = metrics.compute_all(labels, scores)
+        tracker.log_eval(step, {"epoch": epoch, "val_loss": float(0.5 - 0.05 * epoch), **evaluation,
+                                "predicted_positives": int((scores >= 0.5).sum())})
+        rows = [f"VAL{index:05d},{label},{float(score)!r}" for index, (label, score) in enumerate(zip(labels, scores))]
+        (run_dir / "predictions_val.csv").write_text("key,label,score\n" + "\n".join(rows) + "\n")
+    tracker.finish({"wall_time_s": 3725.0 + seed, "images_per_s": 40.5 + seed, "world_size": world_size,
+                    "epochs": EPOCHS}, exit_code=0)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return [write_fake_run(root, "b0-bce", loss="bce", lr=1e-3, bias=-4.0, world_size=2, seed=1),
+            write_fake_run(root, "b0-focal", loss="focal", lr=3e-4, bias=-2.5, world_size=4, seed=2)]
+
+
+def records_of(run_dir: Path, kind: str) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if line["kind"] == kind]
+
+
+def test_compare_rows_match_the_records(run_dirs):
+    runs = [report.load_run(run_dir) for run_dir in run_dirs]
+    rows = dict(report.compare_rows(runs))
+    assert rows["loss.name"] == ["bce", "focal"] and rows["optim.lr"] == [1e-3, 3e-4]
+    assert rows["unfreeze.phases[1].lr"] == pytest.approx([1e-4, 3e-5])
+    assert "data.train_shards" not in rows and "name" not in rows
+    for column, run_dir in enumerate(run_dirs):
+        evals = records_of(run_dir, "eval")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        for key, label in (("alpha", "best α"), ("beta", "best β"), ("auc", "best AUC")):
+            best = max(evals, key=lambda record, key=key: record[key])
+            assert rows[label][column] == (pytest.approx(best[key]), best["epoch"])
+        first = next((record["epoch"] for record in evals if record["predicted_positives"] > 0), None)
+        assert rows["first positive prediction (epoch)"][column] == first
+        assert rows["wall time"][column] == summary["wall_time_s"]
+        assert rows["images/s"][column] == summary["images_per_s"]
+        assert rows["world size"][column] == summary["world_size"]
+    assert rows["first positive prediction (epoch)"][0] > 0, "the fake bce run should start predicting none"
+
+
+def test_first_positive_falls_back_to_tp_plus_fp():
+    run = report.RunData("r", records=[{"kind": "eval", "epoch": 0, "tp": 0, "fp": 0},
+                                       {"kind": "eval", "epoch": 1, "tp": 0, "fp": 2}])
+    assert report.first_positive_epoch(run) == 1
+
+
+def test_compare_cli_markdown_and_plot(run_dirs, tmp_path, capsys):
+    compare = load_cli("compare")
+    plot = tmp_path / "curves.png"
+    assert compare.main([*map(str, run_dirs), "--markdown", "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "|  | b0-bce | b0-focal |" and table[1] == "| --- | --- | --- |"
+    assert any(line.startswith("| wall time | 1:02:06 | 1:02:07 |") for line in table)
+    assert Image.open(plot).size[0] > 500
+    assert compare.main([*map(str, run_dirs)]) == 0
+    assert re.search(r"world size\s+2\s+4", capsys.readouterr().out)
+
+
+def test_compare_wandb_without_key_fails_in_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    assert load_cli("compare").main(["--wandb-project", "airogs", "--group", "g"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "API key" in error
+
+
+def test_wandb_history_rows_become_records():
+    rows = [{"trainer/step": 1, "train/epoch": 0, "train/loss": 0.7, "train/lr/0": 1e-3},
+            {"trainer/step": 4, "val/epoch": 0, "val/alpha": 0.61, "val/loss": 0.3, "val/roc._type": "image-file"}]
+    fake = SimpleNamespace(name="w", scan_history=lambda: rows, config={"optim": {"lr": 1e-3}, "_wandb": {}},
+                           summary={"world_size": 2, "_runtime": 5})
+    run = report._from_wandb(fake)
+    assert run.of_kind("eval")[0]["val_loss"] == 0.3 and report.best_with_epoch(run, "alpha") == (0.61, 0)
+    assert report.per_epoch(run, "train", "loss") == {0: 0.7} and run.summary == {"world_size": 2}
+
+
+def test_report_is_self_contained(run_dirs, tmp_path):
+    out = load_cli("report").write_report(run_dirs, tmp_path / "report.html")
+    page = out.read_text()
+    assert "<script" not in page and "<link" not in page and "url(" not in page
+    assert re.findall(r'src="([^"]{0,22})', page) == ["data:image/png;base64,"] * 5
+    assert "http://" not in page and "https://" not in page
+    assert page.count("last_2_blocks") >= 2 and "predicted positive" in page
+
+
+def test_report_renders_in_headless_chromium(run_dirs, tmp_path):
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("chromium not found: run tests/install_test_deps.sh (apt-get install -y chromium)")
+    out = report.write_report(run_dirs, tmp_path / "report.html")
+    screenshot = tmp_path / "shot.png"
+    chromium(browser, tmp_path, f"--screenshot={screenshot}", "--window-size=1280,2000", out.as_uri())
+    pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=float)
+    assert pixels.shape == (2000, 1280) and pixels.var() > 100, "the screenshot is blank"
+    dom = chromium(browser, tmp_path, "--dump-dom", out.as_uri())
+    table = re.search(r'<table id="comparison">.*?</table>', dom, re.S).group(0)
+    for run_dir in run_dirs:
+        best_alpha = max(record["alpha"] for record in records_of(run_dir, "eval"))
+        assert f"<th>{run_dir.name}</th>" in table and f"{best_alpha:.4f} (epoch " in table
+    assert "<td>world size</td><td>2</td><td>4</td>" in table
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+
+
+def chromium(browser: str, tmp_path: Path, *args: str) -> str:
+    """Run headless Chromium with no network chatter and a throwaway profile; returns stdout."""
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
+    return subprocess.run(command, check=True, capture_output=True, text=True, timeout=120).stdout
+
+
+def load_cli(name: str):
+    """Import launch/<name>.py as a module, so the test drives the real entry point."""
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
