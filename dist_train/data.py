@@ -383,6 +383,12 @@ def find_manifest(setting: str, urls: list[str]) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def shard_preprocessing(urls: list[str], manifest_setting: str) -> dict[str, Any]:
+    """The shard builder's preprocessing (size, JPEG quality, ...) from the manifest, if there is one."""
+    manifest = find_manifest(manifest_setting, urls)
+    return json.loads(manifest.read_text()).get("preprocessing", {}) if manifest else {}
+
+
 def split_counts(urls: list[str], manifest_setting: str, cache_dir: Path | None = None) -> SplitCounts:
     """Sample and positive counts from the manifest's shard entries, or by one scan (cached)."""
     manifest = find_manifest(manifest_setting, urls)

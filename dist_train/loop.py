@@ -8,6 +8,7 @@ reach the other ranks through one broadcast per evaluation.
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from dist_train.data import (
     StreamPosition,
     TrainStream,
     make_loader,
+    shard_preprocessing,
     shard_urls,
     split_counts,
     steps_per_epoch,
@@ -149,6 +151,17 @@ class Trainer:
             raise
         finally:
             self.tracker.finish(self.summary(), exit_code=exit_code)
+            if self.env.is_main and self.cfg.tracking.html_report:
+                self._write_report()
+
+    def _write_report(self) -> None:
+        """The self-contained HTML report; a failure here must not fail a finished run."""
+        from dist_train.report import write_report
+
+        try:
+            write_report([self.run_dir], self.run_dir / "report.html")
+        except Exception as error:  # the report is a convenience; the run's files are the record
+            log.warning("could not write report.html: %s", error)
 
     def train_epoch(self, epoch: int) -> EpochStats:
         stats = EpochStats()
@@ -267,6 +280,7 @@ class Trainer:
         if improved:
             state.best_metric, state.best_epoch, state.evals_without_improvement = value, epoch, 0
             state.best_record = {name: record[name] for name in ("alpha", "beta", "auc", "beta_threshold")}
+            shutil.copyfile(self.run_dir / "predictions_val.csv", self.run_dir / "predictions_best.csv")
         else:
             state.evals_without_improvement += 1
         if stats.predicted_positives > 0 and state.first_positive_epoch is None:
@@ -345,6 +359,7 @@ class Trainer:
         trainer_state = {"trainer": asdict(self.state), "lr_schedule": self.lr_schedule.state_dict(),
                          "engine_extra": _jsonable(self.engine.state_extra()), "config": to_dict(self.cfg),
                          "run_id": self.tracker.run_id, "steps_per_epoch": self.steps_per_epoch,
+                         "shard_preprocessing": shard_preprocessing(self.train_urls, self.cfg.data.manifest),
                          "workers": self.cfg.data.workers}
         per_rank = {"position": self.position.to_json(), "rng": _jsonable(distributed.rng_state())}
         path = self.checkpointer.save(self.state.step, self.engine, trainer_state, per_rank)
@@ -392,6 +407,7 @@ class Trainer:
         return {"best_" + self.cfg.eval.metric: self.state.best_metric, "best_epoch": self.state.best_epoch,
                 "epochs_to_first_positive": self.state.first_positive_epoch, "epochs_done": self.state.epoch,
                 "steps": self.state.step, "wall_time_s": round(self._wall_time(), 2),
+                "images_per_s": round(self.state.seen_samples / max(self._wall_time(), 1e-9), 2),
                 "world_size": self.env.world_size, "engine": self.engine.kind,
                 "phases_ran": self.state.phases_ran,
                 "phases_not_run": [p for p in configured if p not in ran],

@@ -1,0 +1,174 @@
+"""Synthetic fundus photographs in the AIROGS layout, for tests, demos and benchmarks.
+
+The label follows the vertical cup-to-disc ratio (the clinical sign of glaucoma) and the
+cup is drawn large and pale enough to survive downscaling to 64 px, so a tiny CNN can
+learn it in a few epochs; camera variation (exposure, blur, vignetting, eye side, disc
+position, image size) keeps the task from being trivial.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+RG_CDR = (0.55, 0.85)
+"""Vertical cup-to-disc ratio range of referable glaucoma."""
+NRG_CDR = (0.28, 0.58)
+"""Healthy range; it overlaps the glaucoma range a little, as graders' judgement does."""
+CUP_RGB = np.array([255, 238, 205], np.float32)
+RIM_RGB = np.array([232, 138, 92], np.float32)
+VESSEL_KEEP = np.array([0.55, 0.35, 0.4], np.float32)
+"""Per-channel light kept under a vessel: vessels are dark red."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where things are on one canvas, in pixels."""
+
+    width: int
+    height: int
+    center: tuple[float, float]
+    radius: float
+    side: int
+    disc: tuple[float, float]
+    disc_radius: float
+    cdr: float
+
+
+def generate(out_dir, n: int, positive_rate: float = 0.03, size: int = 512, seed: int = 0,
+             folders: int = 1, label_noise: float = 0.03) -> Path:
+    """Write n JPEGs under out_dir/<folder>/ and out_dir/labels.csv; return the CSV path.
+
+    Exactly round(n * positive_rate) images are labelled RG; a `label_noise` fraction of
+    each class is drawn with the other class's cup. The same seed gives byte-identical files.
+    """
+    if n < 1 or not 0 <= positive_rate <= 1 or folders < 1 or size < 32:
+        raise ValueError(f"need n >= 1, 0 <= positive_rate <= 1, folders >= 1, size >= 32; "
+                         f"got n={n} positive_rate={positive_rate} folders={folders} size={size}")
+    out_dir = Path(out_dir)
+    labels, looks_positive = _labels(n, positive_rate, label_noise, seed)
+    rows = []
+    for index in range(n):
+        key = f"TRAIN{index:06d}"
+        folder = out_dir / str(index * folders // n)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{key}.jpg").write_bytes(render_jpeg(size, bool(looks_positive[index]), (seed, index)))
+        rows.append((key, "RG" if labels[index] else "NRG"))
+    labels_csv = out_dir / "labels.csv"
+    with open(labels_csv, "w", newline="") as stream:
+        writer = csv.writer(stream, lineterminator="\n")
+        writer.writerow(["challenge_id", "class"])
+        writer.writerows(rows)
+    return labels_csv
+
+
+def render_jpeg(size: int, glaucomatous: bool, seed) -> bytes:
+    """One synthetic photograph as JPEG bytes, fully determined by its arguments."""
+    rng = np.random.default_rng(seed)
+    geometry = _geometry(rng, size, glaucomatous)
+    image = _fundus_background(rng, geometry)
+    _draw_vessels(rng, geometry, image)
+    _draw_disc(rng, geometry, image)
+    image = _camera(rng, geometry, image)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG", quality=int(rng.integers(88, 96)))
+    return buffer.getvalue()
+
+
+def _labels(n: int, positive_rate: float, label_noise: float, seed: int):
+    """Exact class counts in a seeded order, and the noisy 'appearance' of each image."""
+    rng = np.random.default_rng([seed, n])
+    labels = np.zeros(n, bool)
+    labels[: round(n * positive_rate)] = True
+    labels = rng.permutation(labels)
+    flipped = rng.random(n) < label_noise
+    return labels, labels ^ flipped
+
+
+def _geometry(rng: np.random.Generator, size: int, glaucomatous: bool) -> Geometry:
+    height = int(round(size * rng.uniform(0.9, 1.1)))
+    width = int(round(height * rng.choice([1.0, rng.uniform(1.05, 1.35)])))
+    radius = height / 2 * rng.uniform(0.9, 1.06)
+    center = (width / 2 + rng.normal(0, 0.015) * height, height / 2 + rng.normal(0, 0.015) * height)
+    side = int(rng.choice([-1, 1]))
+    disc = (center[0] + side * radius * rng.uniform(0.3, 0.38), center[1] + radius * rng.normal(0, 0.04))
+    cdr = rng.uniform(*(RG_CDR if glaucomatous else NRG_CDR))
+    return Geometry(width, height, center, radius, side, disc, radius * rng.uniform(0.18, 0.22), cdr)
+
+
+def _fundus_background(rng: np.random.Generator, geometry: Geometry) -> np.ndarray:
+    """Orange-red retina with low-frequency texture and a darker macula."""
+    base = np.array([rng.uniform(175, 215), rng.uniform(70, 100), rng.uniform(25, 45)], np.float32)
+    texture = cv2.resize(rng.normal(0, 1, (6, 6)).astype(np.float32), (geometry.width, geometry.height),
+                         interpolation=cv2.INTER_CUBIC)
+    image = base * (1 + 0.06 * texture)[:, :, None]
+    macula = (geometry.center[0] - geometry.side * geometry.radius * 0.05, geometry.center[1])
+    _blend(image, macula, (geometry.radius * 0.2,) * 2, np.float32(0.0), 0.45 * rng.uniform(0.8, 1.2), 1.0)
+    return image
+
+
+def _draw_vessels(rng: np.random.Generator, geometry: Geometry, image: np.ndarray) -> None:
+    """Dark vessels arching from the disc rim around the macula, thinner as they branch."""
+    mask = np.zeros((geometry.height, geometry.width), np.float32)
+    step = geometry.radius * 0.07
+    for index in range(int(rng.integers(8, 13))):
+        vertical = 1 if index % 2 else -1
+        angle = np.pi / 2 * vertical + rng.uniform(-0.9, 0.9)
+        bend = geometry.side * vertical * rng.uniform(0.03, 0.12)
+        turns = angle + np.cumsum(bend + rng.normal(0, 0.06, 18))
+        heading = np.array([np.cos(angle), np.sin(angle)])
+        start = np.array(geometry.disc) + geometry.disc_radius * 0.95 * heading
+        points = start + np.cumsum(step * np.stack([np.cos(turns), np.sin(turns)], 1), 0)
+        thickness = max(1, round(geometry.radius * rng.uniform(0.012, 0.028)))
+        cv2.polylines(mask, [np.round(np.vstack([start, points])).astype(np.int32)], False, 1.0,
+                      thickness, cv2.LINE_AA)
+    image *= 1 - mask[:, :, None] * (1 - VESSEL_KEEP)
+
+
+def _draw_disc(rng: np.random.Generator, geometry: Geometry, image: np.ndarray) -> None:
+    """Bright optic disc with a pale cup whose vertical extent is cdr x the disc's."""
+    disc_radii = (geometry.disc_radius, geometry.disc_radius * rng.uniform(1.0, 1.1))
+    _blend(image, geometry.disc, disc_radii, RIM_RGB * rng.uniform(0.9, 1.05), 1.0, 0.12)
+    cup_height = disc_radii[1] * geometry.cdr
+    cup_center = (geometry.disc[0] + geometry.side * disc_radii[0] * rng.uniform(0, 0.1), geometry.disc[1])
+    _blend(image, cup_center, (cup_height * rng.uniform(0.8, 1.0), cup_height), CUP_RGB, 1.0, 0.12)
+
+
+def _camera(rng: np.random.Generator, geometry: Geometry, image: np.ndarray) -> np.ndarray:
+    """Exposure, vignetting, black border, lens blur and sensor grain (2 px, cheap); returns uint8 RGB."""
+    xs = (np.arange(geometry.width, dtype=np.float32) - geometry.center[0]) / geometry.radius
+    ys = (np.arange(geometry.height, dtype=np.float32) - geometry.center[1]) / geometry.radius
+    distance = np.sqrt(xs[None, :] ** 2 + ys[:, None] ** 2)
+    vignette = 1 - np.float32(rng.uniform(0.2, 0.6)) * np.minimum(distance, 1) ** 3
+    inside = np.clip((1 - distance) * np.float32(geometry.radius / 1.5) + 0.5, 0, 1)
+    image *= (np.float32(rng.uniform(0.75, 1.15)) * vignette * inside)[:, :, None]
+    sigma = rng.uniform(0, 1.2) * geometry.height / 512
+    if sigma > 0.3:
+        image = cv2.GaussianBlur(image, (0, 0), sigma)
+    grain = rng.standard_normal((geometry.height // 2 + 1, geometry.width // 2 + 1, 3), np.float32) * 2
+    image += cv2.resize(grain, (geometry.width, geometry.height), interpolation=cv2.INTER_NEAREST)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _blend(image: np.ndarray, center, radii, value, strength: float, softness: float) -> None:
+    """Blend `value` into an ellipse with a soft edge, touching only its bounding window.
+
+    With value 0 and a softness of 1 this is a Gaussian-like darkening (the macula).
+    """
+    (cx, cy), (rx, ry) = center, radii
+    reach = 1 + softness
+    x0, x1 = max(0, int(cx - rx * reach)), min(image.shape[1], int(cx + rx * reach) + 2)
+    y0, y1 = max(0, int(cy - ry * reach)), min(image.shape[0], int(cy + ry * reach) + 2)
+    if x0 >= x1 or y0 >= y1:
+        return
+    ys, xs = np.ogrid[y0:y1, x0:x1]
+    distance = np.hypot((xs - cx) / rx, (ys - cy) / ry)
+    weight = strength * np.clip((1 - distance) / (2 * softness) + 0.5, 0, 1).astype(np.float32)
+    window = image[y0:y1, x0:x1]
+    window += weight[:, :, None] * (value - window)

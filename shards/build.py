@@ -1,0 +1,111 @@
+"""Build WebDataset shards from AIROGS-style images and labels, or verify built shards.
+
+    python shards/build.py --images DIR [DIR ...] --labels CSV --out OUT [options]
+    python shards/build.py verify OUT
+
+Re-running the same build command resumes: complete shards are kept, the rest rebuilt.
+Exit codes: 0 ok, 1 too many unreadable images or a failed verify, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dist_train.sharding import (  # noqa: E402
+    BuildOptions,
+    ShardInputError,
+    TooManyRejectedError,
+    build,
+    verify,
+)
+
+
+def parse_build_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Preprocess fundus images into train/val WebDataset shards.")
+    parser.add_argument("--images", nargs="+", required=True, help="image folders, searched recursively")
+    parser.add_argument("--labels", required=True, help="CSV with challenge_id,class (RG/NRG)")
+    parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    parser.add_argument("--size", type=int, default=512, help="side of the stored square image")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of the stored image")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--max-shard-bytes", type=int, default=None,
+                        help="target shard size; samples per shard estimated from a probe")
+    parser.add_argument("--workers", type=int, default=2, help="processes writing shards")
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument("--val-fraction", type=float, default=0.2, help="stratified random validation share")
+    split.add_argument("--split-column", help="CSV column holding train/val")
+    split.add_argument("--val-dirs", nargs="+", default=(), help="image folders held out as validation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-rejected-fraction", type=float, default=0.01,
+                        help="unreadable images tolerated before the build fails")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="ignore labelled ids without an image and images without a label")
+    args = parser.parse_args(argv)
+    if args.size < 8 or not 1 <= args.quality <= 100 or args.shard_size < 1 or args.workers < 1:
+        parser.error("need --size >= 8, 1 <= --quality <= 100, --shard-size >= 1, --workers >= 1")
+    if not 0 <= args.val_fraction < 1 or not 0 <= args.max_rejected_fraction <= 1:
+        parser.error("need 0 <= --val-fraction < 1 and 0 <= --max-rejected-fraction <= 1")
+    return args
+
+
+def run_build(argv: list[str]) -> int:
+    args = parse_build_args(argv)
+    options = BuildOptions(
+        size=args.size, quality=args.quality, shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes,
+        workers=args.workers, seed=args.seed, val_fraction=args.val_fraction, split_column=args.split_column,
+        val_dirs=tuple(args.val_dirs), max_rejected_fraction=args.max_rejected_fraction,
+        skip_missing=args.skip_missing,
+    )
+    try:
+        report = build(args.images, args.labels, args.out, options)
+    except ShardInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TooManyRejectedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(summary(report, args.out))
+    return 0
+
+
+def summary(report, out: str) -> str:
+    manifest = report.manifest
+    counts = {split: sum(1 for s in manifest["shards"] if s["split"] == split) for split in ("train", "val")}
+    parts = [f"{split} {t['samples']} samples ({t['positives']} RG) in {counts[split]} shards"
+             for split, t in manifest["totals"].items()]
+    processed = sum(t["samples"] for t in manifest["totals"].values()) + len(manifest["rejected"])
+    lines = [f"{out}: " + ", ".join(parts),
+             f"rejected {len(manifest['rejected'])}, skipped {manifest['skipped']}; "
+             f"{report.written} shards written, {report.reused} reused; "
+             f"{report.seconds:.1f} s ({processed / max(report.seconds, 1e-9):.1f} images/s)"]
+    lines += [f"rejected {r['path']}: {r['reason']}" for r in manifest["rejected"][:10]]
+    if report.oversized:
+        lines.append(f"warning: {len(report.oversized)} shards exceed --max-shard-bytes: {report.oversized[:5]}")
+    return "\n".join(lines)
+
+
+def run_verify(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="build.py verify", description="Re-hash and decode built shards.")
+    parser.add_argument("out", help="shard folder holding manifest.json")
+    args = parser.parse_args(argv)
+    try:
+        lines, problems = verify(args.out)
+    except (OSError, ValueError) as error:
+        print(f"error: {args.out}: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(lines + problems))
+    print(f"{'FAILED' if problems else 'OK'}: {len(lines)} shards, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return run_verify(argv[1:]) if argv[:1] == ["verify"] else run_build(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
