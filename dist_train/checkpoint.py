@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dist_train import distributed
+from dist_train import distributed, faults
 from dist_train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
@@ -55,17 +55,21 @@ class Checkpointer:
             staging.mkdir()
         distributed.barrier(self.env)
         gathered = distributed.gather_to_main(self.env, per_rank)
+        faults.point("checkpoint.before_tensors")
         self._write_tensors(staging, engine)
+        faults.point("checkpoint.after_tensors")
         distributed.barrier(self.env)
         if self.env.is_main:
             state = {**trainer_state, "per_rank": gathered, "world_size": self.env.world_size,
                      "engine": self.engine_kind, "name": name}
             _write_durable(staging / TRAINER_FILE, json.dumps(state))
             _fsync_tree(staging)
+            faults.point("checkpoint.before_publish")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
             _fsync_dir(self.root)
+            faults.point("checkpoint.before_latest")
             _write_pointer(self.root / "latest", name)
             self._retain()
         distributed.barrier(self.env)

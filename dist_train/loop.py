@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dist_train import checkpoint, distributed, evaluate, metrics, preemption
+from dist_train import checkpoint, distributed, evaluate, faults, metrics, preemption
 from dist_train.augment import Augmenter
 from dist_train.config import Config, to_dict
 from dist_train.data import (
@@ -173,23 +173,31 @@ class Trainer:
                                          desc=f"epoch {epoch}")
         self.engine.module.train()
         self.unfreeze.set_train_mode(self.engine.module)
-        window_start, window_samples = time.monotonic(), 0
+        window_start, window_samples, non_finite = time.monotonic(), 0, False
         for batch in make_loader(stream, self.cfg.data, self.env.device.type == "cuda"):
             self._count_bad(batch)
             if not batch.keys:
                 continue
             images = batch.images.to(self.env.device, non_blocking=True)
             labels = batch.labels.to(self.env.device, non_blocking=True)
-            if self.engine.at_boundary:
+            boundary = self.engine.at_boundary
+            if boundary:
                 self.lr_schedule.step(self.state.step, epoch)
             logits, loss = self.engine.train_micro_step(images, labels, self.loss_fn)
+            loss = faults.corrupt_loss(loss, self.state.step + 1)
+            non_finite = non_finite or not bool(torch.isfinite(loss))
             self.position.advance(batch)
             stats.add(logits, labels, loss)
             window_samples += len(batch.keys)
+            preempted = self._check_window(non_finite) if boundary else False
             if not self.engine.step():
                 continue
             self.state.step += 1
-            self._check_step(loss)
+            non_finite = False
+            if preempted:
+                log.warning("preemption notice: checkpointing at step %d", self.state.step)
+                self.save_checkpoint()
+                raise preemption.Preempted(f"checkpointed at step {self.state.step}")
             if self.state.step % self.cfg.train.log_every_steps == 0:
                 rate = window_samples * self.env.world_size / max(time.monotonic() - window_start, 1e-9)
                 self._log_train(epoch, float(loss), rate)
@@ -202,17 +210,19 @@ class Trainer:
         progress.close()
         return stats.reduced(self.env)
 
-    def _check_step(self, loss: torch.Tensor) -> None:
-        """One small all-reduce per step: any rank's non-finite loss or preemption notice stops all ranks."""
-        flags = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0, 1.0 if preemption.requested() else 0.0])
-        non_finite, preempted = (distributed.all_reduce_sum(self.env, flags) > 0).tolist()
-        if non_finite:
-            raise TrainingStopped(f"non-finite loss at optimizer step {self.state.step}; the last good and best "
-                                  f"checkpoints are untouched. Lower optim.lr or enable optim.grad_clip.")
-        if preempted:
-            log.warning("preemption notice: checkpointing at step %d", self.state.step)
-            self.save_checkpoint()
-            raise preemption.Preempted(f"checkpointed at step {self.state.step}")
+    def _check_window(self, non_finite: bool) -> bool:
+        """One small all-reduce per optimizer step, before the update is applied.
+
+        A non-finite loss on any rank stops every rank before the bad update reaches the weights; a
+        preemption notice on any rank (SLURM signals may reach only some) makes all checkpoint together
+        once this step is applied.
+        """
+        flags = torch.tensor([float(non_finite), float(preemption.requested())])
+        bad, preempted = (distributed.all_reduce_sum(self.env, flags) > 0).tolist()
+        if bad:
+            raise TrainingStopped(f"non-finite loss at optimizer step {self.state.step + 1}; the last good and "
+                                  f"best checkpoints are untouched. Lower optim.lr or set optim.grad_clip.")
+        return bool(preempted)
 
     def _end_epoch(self, epoch: int, stats: EpochStats) -> bool:
         """Evaluate, pick the best, apply health rules and checkpoint; True when training should stop."""

@@ -1,0 +1,45 @@
+"""Fault injection for the reliability tests (tests/faults/), off unless DIST_TRAIN_FAULT is set.
+
+The reliability matrix needs faults at exact places: a non-finite loss at optimizer step N, or a
+SIGKILL at a named point of a checkpoint write. Real runs never set the variable; reading it here,
+in one module, keeps the hooks out of the code they test. Syntax: `nan_loss@5`, `kill@<point>`,
+`kill@<point>#2` (the second time that point is reached), several joined by commas.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+import torch
+
+_SPEC = os.environ.get("DIST_TRAIN_FAULT", "")
+_RANK = os.environ.get("DIST_TRAIN_FAULT_RANK")
+_reached: Counter[str] = Counter()
+
+
+def _wanted(kind: str) -> list[str]:
+    return [item.split("@", 1)[1] for item in _SPEC.split(",") if item.startswith(kind + "@")]
+
+
+def _this_rank() -> bool:
+    return _RANK is None or os.environ.get("RANK", "0") == _RANK
+
+
+def corrupt_loss(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """The loss, or NaN when `nan_loss@<step>` asks for it at this optimizer step."""
+    if _SPEC and _this_rank() and str(step) in _wanted("nan_loss"):
+        return loss * float("nan")
+    return loss
+
+
+def point(name: str) -> None:
+    """SIGKILL this process at a named point when `kill@<name>[#n]` asks for it."""
+    if not _SPEC or not _this_rank():
+        return
+    _reached[name] += 1
+    for wanted in _wanted("kill"):
+        target, _, nth = wanted.partition("#")
+        if target == name and _reached[name] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
