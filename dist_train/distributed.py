@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ class DistEnv:
 
     @property
     def is_distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 and dist.is_initialized()
 
 
 def world_info_from_env() -> tuple[int, int, int]:
@@ -56,20 +57,30 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device: str = "auto", timeout_s: int = 300) -> DistEnv:
-    """Start the process group (NCCL on GPUs, gloo on CPU) when more than one rank runs."""
+def init_distributed(device: str = "auto", timeout_s: int = 300, always: bool = False) -> DistEnv:
+    """Start the process group (NCCL on GPUs, gloo on CPU) when more than one rank runs, or `always`.
+
+    DeepSpeed needs a group even for one process (`always`); a lone process then picks a free port.
+    """
     rank, world_size, local_rank = world_info_from_env()
     torch_device = pick_device(device, local_rank)
     backend = "nccl" if torch_device.type == "cuda" else "gloo"
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or always) and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("MASTER_PORT", "29500" if world_size > 1 else str(_free_port()))
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
+        os.environ["LOCAL_RANK"] = str(local_rank)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 rank=rank, world_size=world_size)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1") or 1))
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank,
                    node_rank=rank // max(local_world, 1), device=torch_device, backend=backend)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def destroy() -> None:

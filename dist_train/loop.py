@@ -373,7 +373,7 @@ class Trainer:
                          "workers": self.cfg.data.workers}
         per_rank = {"position": self.position.to_json(), "rng": _jsonable(distributed.rng_state())}
         path = self.checkpointer.save(self.state.step, self.engine, trainer_state, per_rank)
-        self.tracker.log_event("checkpoint", {"path": str(path), "epoch": self.state.epoch})
+        self.tracker.log_event("checkpoint", {"path": str(path), "epoch": self.state.epoch, "step": self.state.step})
         return path
 
     def _resume(self, folder: Path) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    env = distributed.init_distributed(cfg.train.device, cfg.engine.timeout_s)
+    env = distributed.init_distributed(cfg.train.device, cfg.engine.timeout_s, always=cfg.engine.kind == "deepspeed")
     _setup_logging(env)
     try:
         return _run(cfg, env, args.resume or cfg.checkpoint.resume)
