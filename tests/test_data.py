@@ -13,7 +13,6 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import write_shards
 
 from dist_train.config import DataConfig
 from dist_train.data import (
@@ -28,6 +27,8 @@ from dist_train.data import (
     shard_urls,
     split_counts,
 )
+
+from conftest import write_shards
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_shards
 
 from dist_train import slurm, submit_cli
 from dist_train.config import SlurmConfig
+
+from conftest import REPO, write_shards
 
 SUBMIT = [sys.executable, str(REPO / "launch" / "submit.py")]
 TINY = str(REPO / "configs" / "test_tiny.yaml")

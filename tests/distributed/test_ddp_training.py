@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import write_shards
 from run_helpers import REPO, consolidated_weights, kill_after_checkpoint, latest_checkpoint, run_training
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import submitit
+
 from conftest import REPO, write_shards
 
 pytestmark = [
