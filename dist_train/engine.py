@@ -163,6 +163,7 @@ def deepspeed_config(cfg: Config, env: DistEnv) -> dict[str, Any]:
         "train_batch_size": cfg.train.batch_size * cfg.train.accumulation_steps * env.world_size,
         "zero_optimization": {**ds.get("zero_optimization", {}), "stage": cfg.engine.zero_stage},
         "steps_per_print": 1 << 30,
+        "zero_allow_untested_optimizer": True,  # our client optimizers are torch's own SGD/Adam/AdamW
         "wall_clock_breakdown": False,
     })
     if cfg.optim.grad_clip is not None:

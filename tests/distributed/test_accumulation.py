@@ -1,0 +1,90 @@
+"""Gradient accumulation across real gloo ranks: 2 ranks x k=2 micro-batches = 1 process, the union batch.
+
+BatchNorm runs in eval mode (running statistics), so the update does not depend on how the batch is split.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.nn import functional as F
+
+from conftest import free_port
+from dist_train.config import config_from_dict
+from dist_train.model import build_model
+
+pytestmark = pytest.mark.slow
+MICRO, WORLD, ACCUMULATION = 3, 2, 2
+
+
+def _config(engine: str, accumulation: int):
+    return config_from_dict({
+        "data": {"train_shards": "-", "val_shards": "-"},
+        "model": {"backbone": "resnet10t", "head_widths": [8], "head_dropout": [0.0]},
+        "optim": {"name": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0},
+        "train": {"batch_size": MICRO, "accumulation_steps": accumulation, "device": "cpu"},
+        "engine": {"kind": engine, "zero_stage": 2},
+    })
+
+
+def _batches():
+    generator = torch.Generator().manual_seed(7)
+    images = torch.randn(WORLD * ACCUMULATION * MICRO, 3, 32, 32, generator=generator)
+    labels = (torch.rand(len(images), generator=generator) < 0.5).float()
+    return images, labels
+
+
+def _model():
+    torch.manual_seed(3)
+    return build_model(_config("ddp", 1).model).eval()
+
+
+def _train_rank(rank: int, port: int, engine_kind: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    from dist_train.distributed import init_distributed
+    from dist_train.engine import build_engine
+    from dist_train.unfreeze import UnfreezeSchedule, build_optimizer
+
+    env = init_distributed("cpu", 60)
+    cfg = _config(engine_kind, ACCUMULATION)
+    model = _model()
+    schedule = UnfreezeSchedule(cfg.unfreeze, model)
+    schedule.apply(model, 0, set_requires_grad=engine_kind != "deepspeed")
+    engine = build_engine(model, build_optimizer(model, schedule, cfg.optim), cfg, env, schedule)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = cfg.optim.lr
+    images, labels = _batches()
+    mine = slice(rank * ACCUMULATION * MICRO, (rank + 1) * ACCUMULATION * MICRO)
+    for chunk_images, chunk_labels in zip(images[mine].split(MICRO), labels[mine].split(MICRO)):
+        engine.train_micro_step(chunk_images, chunk_labels, torch.nn.BCEWithLogitsLoss())
+        engine.step()
+    if rank == 0:
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
+    torch.distributed.destroy_process_group()
+
+
+def _reference() -> dict[str, torch.Tensor]:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    images, labels = _batches()
+    F.binary_cross_entropy_with_logits(model(images), labels).backward()
+    optimizer.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_two_ranks_with_accumulation_equal_one_union_batch(engine, tmp_path):
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(_train_rank, args=(free_port(), engine, str(out)), nprocs=WORLD, start_method="spawn")
+    got, expected = torch.load(out, weights_only=True), _reference()
+    initial = _model().state_dict()
+    changed = 0
+    for name, value in expected.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+            changed += not torch.equal(value, initial[name])
+    assert changed > 10
