@@ -35,6 +35,7 @@ from dist_train.data import (
 )
 from dist_train.distributed import DistEnv
 from dist_train.engine import autocast, build_engine
+from dist_train.health import no_positives_message, starved_of_positives, val_loss_rising
 from dist_train.losses import build_loss
 from dist_train.model import build_model, prepare_model
 from dist_train.tracking import Tracker
@@ -298,12 +299,9 @@ class Trainer:
         state.epochs_without_positives = 0 if stats.predicted_positives > 0 else state.epochs_without_positives + 1
         self._warn_val_loss(record["val_loss"])
         limit = health.max_epochs_without_positives
-        if limit is not None and state.epochs_without_positives >= limit:
-            return {"stop": "health", "improved": improved, "reason": (
-                f"the model predicted no positive on the training data for {state.epochs_without_positives} "
-                f"epochs (health.max_epochs_without_positives={limit}): the loss or sampling starves the "
-                f"positive class; try loss.name=bce with loss.pos_weight=auto, data.positive_fraction, "
-                f"less head dropout or a higher optim.lr")}
+        if starved_of_positives(state.epochs_without_positives, limit):
+            return {"stop": "health", "improved": improved,
+                    "reason": no_positives_message(state.epochs_without_positives, limit)}
         patience = self.cfg.eval.early_stopping_patience
         if patience is not None and state.evals_without_improvement >= patience:
             return {"stop": "early", "improved": improved,
@@ -311,12 +309,10 @@ class Trainer:
         return {"stop": False, "reason": None, "improved": improved}
 
     def _warn_val_loss(self, val_loss: float) -> None:
-        history = self.state.val_loss_history
-        history.append(val_loss)
+        self.state.val_loss_history.append(val_loss)
         rises = self.cfg.health.val_loss_rise_epochs
-        recent = history[-(rises + 1):]
         after_unfreeze = len(self.state.phases_ran) > 1
-        if after_unfreeze and len(recent) == rises + 1 and all(b > a for a, b in zip(recent, recent[1:])):
+        if after_unfreeze and val_loss_rising(self.state.val_loss_history, rises):
             message = f"validation loss rose for {rises} evaluations in a row after an unfreeze"
             log.warning(message)
             self.tracker.log_event("warning", {"message": message, "epoch": self.state.epoch})
