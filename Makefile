@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA := data/synthetic
 DEMO_SHARDS := data/shards/synthetic
 
-.PHONY: install demo test lint format compare-demo bench clean
+.PHONY: install demo demo-data test lint compare-demo bench clean
 
 install: $(STAMP)
 
@@ -18,11 +18,21 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) demo-data
+	$(PY) launch/train.py --nproc-per-node 2 --config configs/demo.yaml --resume none
+
+demo-data: $(STAMP)
 	$(PY) shards/synthetic.py --out $(DEMO_DATA) --n 1600 --positive-rate 0.2 --size 160 --seed 0
 	$(PY) shards/build.py --images $(DEMO_DATA)/0 --labels $(DEMO_DATA)/labels.csv --out $(DEMO_SHARDS) \
 		--size 96 --shard-size 200 --val-fraction 0.25 --workers 2
+
+# The v1, v2 and v3 recipes on the same synthetic set, then one table, one plot and one HTML report.
+compare-demo: demo-data
+	$(PY) launch/train.py --nproc-per-node 2 --config configs/demo_v1.yaml --resume none
+	$(PY) launch/train.py --nproc-per-node 2 --config configs/demo_v2.yaml --resume none
 	$(PY) launch/train.py --nproc-per-node 2 --config configs/demo.yaml --resume none
+	$(PY) launch/compare.py runs/demo_v1 runs/demo_v2 runs/demo --markdown --plot runs/compare-demo.png
+	$(PY) launch/report.py runs/demo_v1 runs/demo_v2 runs/demo --out runs/compare-demo.html
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -77,7 +77,7 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     prefetch_factor: int = 2
     pin_memory: bool = True
-    persistent_workers: bool = False
+    """Pinned host memory for batches (GPU runs only). Workers start per epoch and never outlive it."""
     max_bad_fraction: float = 0.01
     """Corrupt images tolerated (skipped and named) before the run stops."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -277,6 +277,7 @@ class CheckpointConfig:
     """Also checkpoint every N optimizer steps (always at each epoch end)."""
     keep_last: int = 2
     keep_best: bool = True
+    """Keep the best checkpoint by eval.metric besides the last ones (export uses it)."""
     resume: str = "auto"
     """'auto' (latest complete checkpoint in the run directory, if any), 'none', or a checkpoint path."""
 

@@ -175,7 +175,8 @@ class Trainer:
         self.engine.module.train()
         self.unfreeze.set_train_mode(self.engine.module)
         window_start, window_samples, non_finite = time.monotonic(), 0, False
-        for batch in make_loader(stream, self.cfg.data, self.env.device.type == "cuda"):
+        pin_memory = self.cfg.data.pin_memory and self.env.device.type == "cuda"
+        for batch in make_loader(stream, self.cfg.data, pin_memory):
             self._count_bad(batch)
             if not batch.keys:
                 continue
@@ -241,7 +242,7 @@ class Trainer:
                 self.lr_schedule.on_eval(record[self.cfg.eval.metric])
             self._sync_schedule()
         path = self.save_checkpoint()
-        if decision["improved"]:
+        if decision["improved"] and self.cfg.checkpoint.keep_best:
             self.state.best_checkpoint = path.name
             self.checkpointer.mark_best(path.name)
         if decision["reason"] and decision["stop"] == "health":
