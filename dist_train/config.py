@@ -25,7 +25,7 @@ class ConfigError(ValueError):
     """A config problem, reported in one line naming the source file and the key."""
 
     def __init__(self, source: str, key: str, message: str):
-        self.source, self.key = source, key
+        self.source, self.key, self.message = source, key, message
         super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
 
 
@@ -420,8 +420,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _check_override(key.strip(), parsed)
         _set_dotted(raw, key.strip(), parsed, "--set")
     config = _build(Config, raw, source, "")
-    validate(config, source)
+    try:
+        validate(config, source)
+    except ConfigError as error:
+        raise _blame_override(error, [o.partition("=")[0].strip() for o in overrides or []]) from None
     return config
+
+
+def _blame_override(error: ConfigError, override_keys: list[str]) -> ConfigError:
+    """A value set on the command line is reported as coming from --set, not from the preset file."""
+    for key in override_keys:
+        if error.key == key or error.key.startswith((key + ".", key + "[")):
+            return ConfigError("--set", error.key, error.message)
+    return error
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:

@@ -84,3 +84,9 @@ def test_cli_override_error_names_set(tmp_path):
                              "trian.epochs=2"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert "--set: trian.epochs: unknown key (did you mean 'train'?)" in result.stderr
+
+
+def test_out_of_range_override_is_blamed_on_set():
+    with pytest.raises(ConfigError) as raised:
+        load_config(REPO / "configs" / "demo.yaml", ["optim.lr=-1"])
+    assert str(raised.value) == "--set: optim.lr: -1.0 is outside (0.0, 10.0]"
