@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dist_train import distributed, faults
 from dist_train.distributed import DistEnv
@@ -56,14 +59,24 @@ class Checkpointer:
         distributed.barrier(self.env)
         gathered = distributed.gather_to_main(self.env, per_rank)
         faults.point("checkpoint.before_tensors")
-        self._write_tensors(staging, engine)
+        try:
+            self._write_tensors(staging, engine)
+        except (OSError, CheckpointException) as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointError(f"could not write checkpoint {final} ({_last_line(error)}); the previous "
+                                  f"checkpoint, {read_pointer(self.root / 'latest')}, is intact") from None
         faults.point("checkpoint.after_tensors")
         distributed.barrier(self.env)
         if self.env.is_main:
             state = {**trainer_state, "per_rank": gathered, "world_size": self.env.world_size,
                      "engine": self.engine_kind, "name": name}
-            _write_durable(staging / TRAINER_FILE, json.dumps(state))
-            _fsync_tree(staging)
+            try:
+                _write_durable(staging / TRAINER_FILE, json.dumps(state))
+                _fsync_tree(staging)
+            except OSError as error:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise CheckpointError(f"could not write checkpoint {final} ({error}); the previous checkpoint, "
+                                      f"{read_pointer(self.root / 'latest')}, is intact") from None
             faults.point("checkpoint.before_publish")
             if final.exists():
                 shutil.rmtree(final)
@@ -101,6 +114,11 @@ class Checkpointer:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 def _broadcast_buffers(module: torch.nn.Module, env: DistEnv) -> None:
     """BatchNorm statistics differ per rank after the last forward; DCP stores one copy: make it rank 0's."""
     if env.is_distributed:
@@ -136,6 +154,39 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata is a pickle; only the classes DCP itself writes there may be loaded from it."""
+
+    ALLOWED = {
+        ("torch.distributed.checkpoint.metadata", name) for name in (
+            "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+            "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+    } | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+         ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                               torch.dtype)):
+            return super().find_class(module, name)
+        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which a checkpoint never holds: "
+                              f"refusing to load it")
+
+
+class SafeMetadataReader(FileSystemReader):
+    """torch's FileSystemReader with a metadata unpickler that cannot run code from a tampered checkpoint."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = _MetadataUnpickler(stream).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def read_pointer(path: Path) -> str | None:
@@ -176,7 +227,7 @@ def load_tensors(folder: Path, engine: Any, env: DistEnv, saved_world_size: int)
 
     model_state, optim_state = get_state_dict(engine.module, engine.optimizer)
     holder = {"model": model_state, "optim": optim_state}
-    dcp.load(holder, checkpoint_id=str(folder))
+    dcp.load(holder, storage_reader=SafeMetadataReader(str(folder)))
     set_state_dict(engine.module, engine.optimizer, model_state_dict=holder["model"],
                    optim_state_dict=holder["optim"])
 

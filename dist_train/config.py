@@ -423,13 +423,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         validate(config, source)
     except ConfigError as error:
-        raise _blame_override(error, [o.partition("=")[0].strip() for o in overrides or []]) from None
+        raise blame_override(error, overrides or []) from None
     return config
 
 
-def _blame_override(error: ConfigError, override_keys: list[str]) -> ConfigError:
-    """A value set on the command line is reported as coming from --set, not from the preset file."""
-    for key in override_keys:
+def blame_override(error: ConfigError, overrides: list[str]) -> ConfigError:
+    """A value set on the command line (`key=value`) is reported as coming from --set, not the preset file."""
+    for key in (override.partition("=")[0].strip() for override in overrides):
         if error.key == key or error.key.startswith((key + ".", key + "[")):
             return ConfigError("--set", error.key, error.message)
     return error
@@ -469,7 +469,11 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """The resolved config, with any credential from the environment masked."""
+    from dist_train.redact import scrub_secrets
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(scrub_secrets(to_dict(config)), sort_keys=False))
 
 
 def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,13 +56,18 @@ def _checkpoint_folder(source: Path) -> Path:
 
 
 def _dcp_model_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """torch's own DCP consolidation, without a process group."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """DCP's own consolidation, as `dcp_to_torch_save` does it, but through the metadata reader that runs no code.
 
-    with tempfile.TemporaryDirectory() as scratch:
-        consolidated = Path(scratch) / "full.pt"
-        dcp_to_torch_save(str(folder), str(consolidated))
-        return torch.load(consolidated, weights_only=True)["model"]
+    The public `dcp.load` only fills keys it is given; consolidating without knowing them takes the same
+    private entry point that torch's own converter uses.
+    """
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=checkpoint.SafeMetadataReader(str(folder)),
+                     planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return state["model"]
 
 
 def _meta(config: dict[str, Any], state: dict[str, Any], folder: Path, model: nn.Module) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from dist_train.engine import autocast, build_engine
 from dist_train.health import no_positives_message, starved_of_positives, val_loss_rising
 from dist_train.losses import build_loss
 from dist_train.model import build_model, prepare_model
+from dist_train.redact import scrub_secrets
 from dist_train.tracking import Tracker
 from dist_train.unfreeze import LRSchedule, UnfreezeSchedule, build_optimizer
 
@@ -66,6 +67,7 @@ class TrainerState:
     val_loss_history: list[float] = field(default_factory=list)
     phases_ran: list[dict[str, Any]] = field(default_factory=list)
     bad_samples: int = 0
+    """The most corrupt training samples seen in one epoch."""
     seen_samples: int = 0
     wall_time_s: float = 0.0
 
@@ -118,6 +120,7 @@ class Trainer:
         self.decoders = self._decoders()
         self.state = TrainerState()
         self.position = StreamPosition()
+        self.bad_this_epoch: set[tuple[str, str]] = set()
         self.checkpointer = checkpoint.Checkpointer(self.run_dir / "checkpoints", env, self.engine.kind,
                                                     cfg.checkpoint.keep_last)
         saved = self._resume(resume_from) if resume_from else None
@@ -347,24 +350,29 @@ class Trainer:
             "accumulation": self.cfg.train.accumulation_steps})
 
     def _count_bad(self, batch: Batch) -> None:
+        """Each corrupt sample once per epoch, however often a slot cycles past it."""
         for shard, key, reason in batch.bad:
-            log.warning("rank %d skipped corrupt sample %s in %s: %s", self.env.rank, key, shard, reason)
-        self.state.bad_samples += len(batch.bad)
+            if (shard, key) not in self.bad_this_epoch:
+                log.warning("rank %d skipped corrupt sample %s in %s: %s", self.env.rank, key, shard, reason)
+                self.bad_this_epoch.add((shard, key))
 
     def _check_bad_fraction(self) -> None:
-        totals = distributed.all_reduce_sum(self.env, torch.tensor([self.state.bad_samples,
-                                                                    self.state.seen_samples], dtype=torch.float64))
-        bad, seen = totals.tolist()
-        if seen and bad / (bad + seen) > self.cfg.data.max_bad_fraction:
-            raise DataError(f"{int(bad)} corrupt samples out of {int(bad + seen)} exceed "
-                            f"data.max_bad_fraction={self.cfg.data.max_bad_fraction}; see the rank logs for names")
+        """Corrupt samples as a fraction of the training set (slots are disjoint, so rank counts add up)."""
+        bad = int(distributed.all_reduce_sum(self.env, torch.tensor([float(len(self.bad_this_epoch))]))[0])
+        self.state.bad_samples = max(self.state.bad_samples, bad)
+        self.bad_this_epoch = set()
+        limit = self.cfg.data.max_bad_fraction
+        if bad / max(self.train_counts.samples, 1) > limit:
+            raise DataError(f"{bad} corrupt samples out of {self.train_counts.samples} exceed "
+                            f"data.max_bad_fraction={limit}; the rank logs name each one")
 
     # ------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
         self.state.wall_time_s = self._wall_time()
         trainer_state = {"trainer": asdict(self.state), "lr_schedule": self.lr_schedule.state_dict(),
-                         "engine_extra": _jsonable(self.engine.state_extra()), "config": to_dict(self.cfg),
+                         "engine_extra": _jsonable(self.engine.state_extra()),
+                         "config": scrub_secrets(to_dict(self.cfg)),
                          "run_id": self.tracker.run_id, "steps_per_epoch": self.steps_per_epoch,
                          "shard_preprocessing": shard_preprocessing(self.train_urls, self.cfg.data.manifest),
                          "workers": self.cfg.data.workers}

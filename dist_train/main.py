@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from dist_train import distributed
-from dist_train.config import Config, ConfigError, load_config, save_config
+from dist_train.config import Config, ConfigError, blame_override, load_config, save_config
 
 log = logging.getLogger("dist_train")
 
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.set)
+        preflight(cfg, args.config or "<defaults>", args.set)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
@@ -49,10 +50,42 @@ def main(argv: list[str] | None = None) -> int:
         distributed.destroy()
 
 
+def preflight(cfg: Config, source: str, overrides: list[str]) -> None:
+    """What can be checked before any process starts or any file is written: shards exist, backbone exists."""
+    try:
+        _preflight(cfg, source)
+    except ConfigError as error:
+        raise blame_override(error, overrides) from None
+
+
+def _preflight(cfg: Config, source: str) -> None:
+    from dist_train.data import DataError, shard_urls
+    from dist_train.model import WeightsError, check_backbone_name, check_pretrained
+
+    for key in ("train_shards", "val_shards"):
+        pattern = getattr(cfg.data, key)
+        try:
+            urls = shard_urls(pattern)
+        except DataError as error:
+            raise ConfigError(source, f"data.{key}", str(error)) from None
+        missing = [url for url in urls if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file()]
+        if missing:
+            raise ConfigError(source, f"data.{key}", f"{len(missing)} shard(s) not found, e.g. {missing[0]}")
+    try:
+        check_backbone_name(cfg.model.backbone)
+    except ValueError as error:
+        raise ConfigError(source, "model.backbone", str(error).removeprefix("model.backbone: ")) from None
+    try:
+        check_pretrained(cfg.model.pretrained)
+    except WeightsError as error:
+        raise ConfigError(source, "model.pretrained", str(error).removeprefix("model.pretrained: ")) from None
+
+
 def _run(cfg: Config, env: distributed.DistEnv, resume: str) -> int:
     from dist_train import checkpoint, preemption
     from dist_train.data import DataError
     from dist_train.loop import Trainer, TrainingStopped
+    from dist_train.model import WeightsError
 
     lock = None
     try:
@@ -69,13 +102,19 @@ def _run(cfg: Config, env: distributed.DistEnv, resume: str) -> int:
     except preemption.Preempted as notice:
         log.warning("preempted: %s", notice)
         raise
-    except (RunLocked, checkpoint.CheckpointError, DataError, TrainingStopped) as error:
-        log.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, (RunLocked, DataError)) else 1
+    except (RunLocked, checkpoint.CheckpointError, DataError, TrainingStopped, WeightsError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2 if isinstance(error, (RunLocked, DataError, WeightsError)) else 1
     finally:
         if lock is not None:
             lock.close()
+
+
+def one_line(error: BaseException) -> str:
+    """The message itself: a DataLoader worker re-raises with its traceback folded into the text."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    return last.split(f"{type(error).__name__}: ", 1)[-1]
 
 
 def _lock_run_dir(run_dir: Path):

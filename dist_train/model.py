@@ -92,7 +92,7 @@ def _init_head(head: nn.Sequential) -> None:
 
 
 def _create_backbone(cfg: ModelConfig) -> nn.Module:
-    _check_backbone_name(cfg.backbone)
+    check_backbone_name(cfg.backbone)
     kwargs: dict[str, Any] = {"num_classes": 0, "drop_rate": cfg.drop_rate}
     if cfg.pretrained == "none" or _is_weight_file(cfg.pretrained):
         return timm.create_model(cfg.backbone, pretrained=False, **kwargs)
@@ -101,16 +101,30 @@ def _create_backbone(cfg: ModelConfig) -> nn.Module:
     try:
         return timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (RuntimeError, KeyError, ValueError) as error:
-        raise ValueError(f"model.pretrained: the cached weights of {cfg.pretrained!r} ({cached}) do not fit "
+        raise WeightsError(f"model.pretrained: the cached weights of {cfg.pretrained!r} ({cached}) do not fit "
                          f"model.backbone {cfg.backbone!r}: {_first_line(error)}") from None
 
 
-def _check_backbone_name(name: str) -> None:
+class WeightsError(ValueError):
+    """A weight file or pretrained id that cannot be used: missing, not cached, unsafe or mismatched."""
+
+
+def check_backbone_name(name: str) -> None:
     if timm.is_model(name):
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f"; close timm names: {', '.join(close)}" if close else "; see timm.list_models()"
     raise ValueError(f"model.backbone: {name!r} is not a timm model{hint}")
+
+
+def check_pretrained(pretrained: str) -> None:
+    """Raise WeightsError now, before a run starts, if `model.pretrained` names nothing loadable and safe."""
+    if pretrained == "none":
+        return
+    if _is_weight_file(pretrained):
+        read_state_dict(pretrained)
+    else:
+        resolve_cached_pretrained(pretrained)
 
 
 def _is_weight_file(pretrained: str) -> bool:
@@ -137,7 +151,7 @@ def resolve_cached_pretrained(pretrained_id: str) -> str:
         if candidate.is_file():
             return str(candidate)
     where = f"Hugging Face repo {hub_id!r}" if hub_id else f"url {url!r}"
-    raise ValueError(f"model.pretrained: {pretrained_id!r} ({where}) is not in the local cache; download it "
+    raise WeightsError(f"model.pretrained: {pretrained_id!r} ({where}) is not in the local cache; download it "
                      "beforehand (e.g. timm.create_model(..., pretrained=True) on a machine with network) "
                      "or give a local .safetensors/.pth file")
 
@@ -148,7 +162,7 @@ def _pretrained_location(pretrained_id: str) -> tuple[str | None, tuple[str, ...
         return pretrained_id.removeprefix("hf-hub:"), HUB_WEIGHT_FILES, None
     pretrained_cfg = timm.models.get_pretrained_cfg(pretrained_id)
     if pretrained_cfg is None:
-        raise ValueError(f"model.pretrained: {pretrained_id!r} is neither 'none', a local weight file "
+        raise WeightsError(f"model.pretrained: {pretrained_id!r} is neither 'none', a local weight file "
                          f"({', '.join(WEIGHT_SUFFIXES)}), a timm pretrained tag ('arch.tag') "
                          "nor a Hugging Face repo id ('org/name')")
     filenames = (pretrained_cfg.hf_hub_filename,) if pretrained_cfg.hf_hub_filename else HUB_WEIGHT_FILES
@@ -168,7 +182,7 @@ def load_weight_file(model: GlaucomaNet, path: str) -> None:
         target, keys = model.backbone, _drop_classifier(model.backbone, state_dict)
     problems = _key_problems(target.state_dict(), keys)
     if problems:
-        raise ValueError(f"model.pretrained: {path} does not fit model.backbone "
+        raise WeightsError(f"model.pretrained: {path} does not fit model.backbone "
                          f"{type(model.backbone).__name__}: {problems}")
     target.load_state_dict(keys, strict=True)
 
@@ -180,21 +194,29 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     'module.' prefix is removed (timm's clean_state_dict).
     """
     if not Path(path).is_file():
-        raise ValueError(f"model.pretrained: weight file {path} does not exist")
+        raise WeightsError(f"model.pretrained: weight file {path} does not exist")
     if path.endswith(".safetensors"):
-        return load_file(path)
+        return _load_safetensors(path, "model.pretrained")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"model.pretrained: {path} is not a plain weights file (torch.load weights_only "
+        raise WeightsError(f"model.pretrained: {path} is not a plain weights file (torch.load weights_only "
                          f"refused it: {_refusal_reason(error)}); convert it to .safetensors") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
             break
     if not isinstance(loaded, dict):
-        raise ValueError(f"model.pretrained: {path} holds a {type(loaded).__name__}, not a state dict")
+        raise WeightsError(f"model.pretrained: {path} holds a {type(loaded).__name__}, not a state dict")
     return clean_state_dict(loaded)
+
+
+def _load_safetensors(path: str, option: str) -> dict[str, torch.Tensor]:
+    """A .safetensors file, or an error naming it (a pickle renamed to .safetensors lands here too)."""
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises its own SafetensorError, not an OSError
+        raise WeightsError(f"{option}: {path} is not a valid .safetensors file ({_first_line(error)})") from None
 
 
 def _key_problems(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
@@ -223,7 +245,7 @@ def _abridge(keys: list[str], shown: int = 8) -> str:
 def _refusal_reason(error: BaseException) -> str:
     """The line of torch's long weights_only message that names the refused global."""
     lines = [line.strip() for line in str(error).splitlines()]
-    reason = next((line for line in lines if "Unsupported global" in line), _first_line(error))
+    reason = next((line for line in lines if "unsupported global" in line.lower()), _first_line(error))
     return reason.split(". Please use")[0]
 
 
@@ -290,7 +312,7 @@ def load_for_inference(path: str | Path) -> tuple[GlaucomaNet, dict[str, Any]]:
     meta = json.loads(meta_path.read_text())
     cfg = _model_config_from_dict(meta.get("model"), meta_path)
     model = build_model(cfg)
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    model.load_state_dict(_load_safetensors(str(weights), "--model"), strict=True)
     return model.eval(), meta
 
 

@@ -19,7 +19,6 @@ a new one (`resume="allow"` without an id does the latter).
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import netrc
@@ -32,50 +31,13 @@ from urllib.parse import urlsplit
 
 from dist_train.config import Config, to_dict
 from dist_train.distributed import DistEnv
+from dist_train.redact import scrub_secrets, secret_values
 
-SECRET_NAME_PATTERNS = ("*_KEY", "*_TOKEN", "*_SECRET", "*PASSWORD*")
-"""Environment variables whose values must never reach a file or wandb."""
-_MIN_SECRET_LENGTH = 4
-"""Shorter values are not credentials; masking them would mangle unrelated text such as paths."""
 _WANDB_INIT_TIMEOUT_S = 60
 """An online init that cannot reach the server gives up after this long and tracking goes local."""
 _PLAIN_LINES_PER_BAR = 20
 """Plain (non-TTY) progress prints about this many lines over a bar's total."""
 _PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
-
-
-# ---------------------------------------------------------------- secrets
-
-
-def _is_secret_name(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name.upper(), pattern) for pattern in SECRET_NAME_PATTERNS)
-
-
-def secret_values(environ: dict[str, str] | None = None) -> list[str]:
-    """Values of the secret-named variables in `environ` (default os.environ), longest first."""
-    environ = os.environ if environ is None else environ
-    values = {value for name, value in environ.items()
-              if _is_secret_name(name) and len(value) >= _MIN_SECRET_LENGTH}
-    return sorted(values, key=len, reverse=True)
-
-
-def scrub_secrets(obj: Any, secrets: list[str] | None = None) -> Any:
-    """A copy of `obj` with every secret value masked as '***' inside strings (dict keys too).
-
-    Values under a secret-looking key (`api_key`, `hf_token`, ...) are masked whatever they hold.
-    `secrets` defaults to the secret-named variables of the current environment.
-    """
-    secrets = secret_values() if secrets is None else secrets
-    if isinstance(obj, str):
-        for secret in secrets:
-            obj = obj.replace(secret, "***")
-        return obj
-    if isinstance(obj, dict):
-        return {scrub_secrets(key, secrets): "***" if isinstance(key, str) and _is_secret_name(key) and value
-                else scrub_secrets(value, secrets) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(scrub_secrets(item, secrets) for item in obj)
-    return obj
 
 
 # ---------------------------------------------------------------- the local history file
@@ -163,11 +125,12 @@ class _WandbSink:
         mode = settings.mode
         if mode == "auto":
             mode = "online" if has_wandb_credentials() else "offline"
-        run = wandb.init(project=settings.project, entity=settings.entity, group=settings.group,
-                         tags=list(settings.tags) or None, name=settings.name or cfg.name, dir=str(run_dir),
-                         config=scrub_secrets(to_dict(cfg), secrets), id=run_id,
+        named = scrub_secrets({"project": settings.project, "entity": settings.entity, "group": settings.group,
+                               "tags": list(settings.tags) or None, "name": settings.name or cfg.name}, secrets)
+        # x_disable_meta: wandb would otherwise record the command line, where a secret may sit in --set
+        run = wandb.init(**named, dir=str(run_dir), config=scrub_secrets(to_dict(cfg), secrets), id=run_id,
                          resume="allow", mode=mode,
-                         settings=wandb.Settings(init_timeout=_WANDB_INIT_TIMEOUT_S))
+                         settings=wandb.Settings(init_timeout=_WANDB_INIT_TIMEOUT_S, x_disable_meta=True))
         run.define_metric("trainer/step")
         run.define_metric("*", step_metric="trainer/step")
         if mode == "offline" and settings.mode == "auto":

@@ -19,7 +19,8 @@ import pytest
 from dist_train import metrics, tracking
 from dist_train.config import Config, config_from_dict, to_dict
 from dist_train.distributed import DistEnv
-from dist_train.tracking import Tracker, scrub_secrets
+from dist_train.redact import scrub_secrets
+from dist_train.tracking import Tracker
 
 FAKE_API_KEY = "sk-FAKE" + "0123456789abcdef" * 2
 FAKE_TOKEN = "tok-FAKE-9f8e7d6c5b4a"

@@ -12,9 +12,10 @@ import torch
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
-from conftest import free_port
 from dist_train.config import config_from_dict
 from dist_train.model import build_model
+
+from conftest import free_port
 
 pytestmark = pytest.mark.slow
 MICRO, WORLD, ACCUMULATION = 3, 2, 2

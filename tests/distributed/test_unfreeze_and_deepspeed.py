@@ -11,7 +11,8 @@ import torch
 
 from dist_train.config import load_config
 from dist_train.distributed import seed_everything
-from dist_train.model import build_model
+from dist_train.inference import export
+from dist_train.model import build_model, load_for_inference
 
 from conftest import write_shards
 from run_helpers import REPO, consolidated_weights, kill_after_checkpoint, latest_checkpoint, run_training
@@ -76,6 +77,12 @@ def test_zero2_unfreezes_resumes_exactly_and_on_another_world_size(shards, tmp_p
     straight = run_training(2, CONFIG, overrides, resume="none")
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert_unfroze_on_schedule(tmp_path / "a" / "test_tiny", "deepspeed", overrides, tmp_path)
+    exported = export(latest_checkpoint(tmp_path / "a" / "test_tiny"), tmp_path / "export" / "model.safetensors")
+    model, meta = load_for_inference(exported)
+    consolidated = checkpoint_weights("deepspeed", latest_checkpoint(tmp_path / "a" / "test_tiny"), tmp_path)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, consolidated[name]), name
+    assert meta["model"]["backbone"] == "resnet10t"
 
     kill_after_checkpoint(2, CONFIG, settings(shards, tmp_path / "b"), tmp_path / "b" / "test_tiny" / "checkpoints",
                           min_step=2)

@@ -23,6 +23,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from run_helpers import consolidated_weights, train_command
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "test_tiny.yaml")
 BACKBONE = "test_efficientnet"
@@ -57,8 +59,8 @@ def main_command(run_overrides: list[str], resume: str = "auto") -> list[str]:
 
 
 def torchrun_command(nproc: int, run_overrides: list[str], resume: str = "auto") -> list[str]:
-    return [sys.executable, str(REPO / "launch" / "train.py"), "--nproc-per-node", str(nproc), "--config", CONFIG,
-            "--resume", resume, "--set", *run_overrides]
+    """launch/train.py, which starts torchrun on itself for more than one rank."""
+    return train_command(nproc, CONFIG, run_overrides, resume)
 
 
 def run_process(command: list[str], env: dict[str, str] | None = None, timeout: int = 240):
@@ -89,7 +91,9 @@ def main_in_process(argv: list[str]) -> tuple[int, str]:
                 code = main(argv)
             except SystemExit as exit_:
                 code = exit_.code if isinstance(exit_.code, int) else 1
-            except Exception:
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # torch's CheckpointException derives from BaseException
                 traceback.print_exc(file=sys.stderr)
                 code = 1
     finally:
@@ -179,12 +183,8 @@ def checkpoint_problems(folder: Path) -> list[str]:
 
 def load_weights(folder: Path, scratch: Path) -> dict:
     """The model tensors of a checkpoint, read through torch's own DCP consolidation."""
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     scratch.parent.mkdir(parents=True, exist_ok=True)
-    dcp_to_torch_save(str(folder), str(scratch))
-    weights = torch.load(scratch, weights_only=True)["model"]
+    weights = consolidated_weights(folder, scratch)
     scratch.unlink()
     return weights
 

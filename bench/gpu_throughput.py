@@ -1,0 +1,323 @@
+"""One GPU: images/s of the full pipeline (shards -> augment -> train step) against the model alone.
+
+    python bench/gpu_throughput.py [--image-size 512] [--batch-size 64] [--steps 30] [--workers CORES]
+                                   [--compile] [--clahe] [--no-gpu-decode] [--n 256] [--workdir DIR]
+    python bench/gpu_throughput.py --cpu-smoke      # no GPU: a tiny CPU run that proves every path executes
+
+efficientnet_b0 (our default head) with bf16 autocast and channels_last (optionally torch.compile),
+built by dist_train's own Trainer (train.device=cuda, train.precision=bf16, model.channels_last=true).
+Measured one after another on the same engine, each --steps optimizer steps after a warm-up:
+
+  model only      engine.train_micro_step + engine.step on random tensors already on the GPU, no host
+                  sync until the end: the upper bound;
+  loop, memory    Trainer.train_epoch on batches already on the GPU (its DataLoader replaced): the
+                  loop's own cost (per-step host syncs, statistics, logging) on top of the model;
+  full pipeline   Trainer.train_epoch as a run does it: shards -> DataLoader workers (PIL decode, float
+                  augmentation, normalisation) -> pinned copy -> step;
+  gpu decode      a candidate input path: workers only read shard bytes; nvJPEG decodes the batch on
+                  the GPU (torchvision.io.decode_jpeg(device="cuda")), augmentation (per-sample affine via
+                  affine_grid/grid_sample, brightness, flip) and normalisation run batched on the GPU.
+
+Also the host JPEG decode rate per core and the GPU decode rate alone, and peak GPU memory. Targets
+(one H100): full pipeline >= 90% of model only; the users' v3 workload (b0 at 384 px, ~54k images x
+20 epochs in <= 15 min) needs >= 1,200 img/s end to end (run with --image-size 384 --clahe for that).
+The shards are --n synthetic images (cycled by the training stream, so the epoch can be any length).
+Appends a dated row to bench/RESULTS.md with the GPU's name; a CPU smoke run records nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, append_row, load_average  # noqa: E402
+
+V2_AUGMENT = {"rotation_deg": 15, "shift": 0.1, "brightness": [0.8, 1.2], "hflip": True}
+
+
+# ---------------------------------------------------------------- data and the trainer
+
+
+def ensure_shards(workdir: Path, n: int, size: int) -> Path:
+    from dist_train.sharding import BuildOptions, build
+    from dist_train.synthetic import generate
+
+    raw = round(size * 1.4)
+    images, shards = workdir / f"gpu-images-n{n}-s{raw}", workdir / f"gpu-shards-n{n}-{size}"
+    if not (images / "labels.csv").is_file():
+        started = time.perf_counter()
+        generate(images, n, positive_rate=0.2, size=raw, seed=0)
+        print(f"generated {n} images of ~{raw} px in {time.perf_counter() - started:.0f} s", flush=True)
+    if not (shards / "manifest.json").is_file():
+        build([images], images / "labels.csv", shards,
+              BuildOptions(size=size, shard_size=max(1, n // 16), workers=min(os.cpu_count() or 1, 8),
+                           val_fraction=0.1))
+    return shards
+
+
+def build_trainer(args, shards: Path, device: str):
+    from dist_train import distributed, loop
+    from dist_train.config import config_from_dict
+
+    cfg = config_from_dict({
+        "name": f"gpu-throughput-{args.image_size}", "run_root": str(Path(args.workdir) / "runs"),
+        "data": {"train_shards": str(shards / "train-*.tar"), "val_shards": str(shards / "val-*.tar"),
+                 "image_size": args.image_size, "workers": args.workers, "augment": V2_AUGMENT,
+                 "clahe": args.clahe, "shuffle_buffer": 64},
+        "model": {"backbone": "efficientnet_b0", "pretrained": "none", "channels_last": True,
+                  "compile": args.compile},
+        "loss": {"name": "bce"}, "optim": {"name": "adamw", "lr": 1e-4},
+        "train": {"batch_size": args.batch_size, "epochs": 1000, "steps_per_epoch": args.steps, "device": device,
+                  "precision": "bf16" if device == "cuda" else "fp32", "log_every_steps": 10},
+        "tracking": {"wandb": {"enabled": False}, "progress": "none", "html_report": False}})
+    env = distributed.init_distributed(device)
+    trainer = loop.Trainer(cfg, env)
+    trainer._enter_phase(0)  # what Trainer.train does before its first epoch
+    return trainer
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device, into: dict, name: str):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    yield
+    if device.type == "cuda":
+        into[name] = torch.cuda.max_memory_allocated(device) / 2**30
+
+
+# ---------------------------------------------------------------- the measurements
+
+
+def model_only(trainer, args, device) -> float:
+    generator = torch.Generator(device=device).manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device, generator=generator)
+    labels = (torch.rand(args.batch_size, device=device, generator=generator) < 0.2).float()
+    engine = trainer.engine
+    for _ in range(3):
+        engine.train_micro_step(images, labels, trainer.loss_fn)
+        engine.step()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        engine.train_micro_step(images, labels, trainer.loss_fn)
+        engine.step()
+    synchronize(device)
+    return args.steps * args.batch_size / (time.perf_counter() - started)
+
+
+def trainer_epoch(trainer, steps: int, epoch: int, device) -> float:
+    from dist_train.data import StreamPosition
+
+    trainer.steps_per_epoch = steps
+    trainer.position = StreamPosition()
+    trainer.state.epoch_start_step = trainer.state.step
+    synchronize(device)
+    started = time.perf_counter()
+    trainer.train_epoch(epoch)
+    synchronize(device)
+    return steps * trainer.cfg.train.batch_size / (time.perf_counter() - started)
+
+
+def loop_on_memory(trainer, args, device) -> float:
+    from dist_train import loop
+    from dist_train.data import Batch
+
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    labels = (torch.rand(args.batch_size, device=device) < 0.2).float()
+    keys = [str(i) for i in range(args.batch_size)]
+
+    def memory_loader(stream, cfg, pin_memory):
+        for index in range(stream.micro_batches):
+            yield Batch(images, labels, keys, 0, index + 1)
+
+    original = loop.make_loader
+    loop.make_loader = memory_loader
+    try:
+        trainer_epoch(trainer, 3, 10_000, device)
+        return trainer_epoch(trainer, args.steps, 10_001, device)
+    finally:
+        loop.make_loader = original
+
+
+def full_pipeline(trainer, args, device) -> float:
+    """One warm epoch (worker start, first shards), then the timed one; workers restart per epoch as in runs."""
+    trainer_epoch(trainer, max(2, args.workers // 2), 20_000, device)
+    return trainer_epoch(trainer, args.steps, 20_001, device)
+
+
+class ShardBytes(IterableDataset):
+    """Batches of raw JPEG bytes (as uint8 tensors) and labels: the workers only read tar files."""
+
+    def __init__(self, urls: list[str], batch_size: int, batches: int):
+        self.urls, self.batch_size, self.batches = urls, batch_size, batches
+
+    def __iter__(self):
+        from dist_train.data import assign_slots, cycled, sample_image_bytes, sample_label
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        samples = cycled(assign_slots(self.urls, workers)[worker], seed=worker, buffer_size=64)
+        for _ in range(len(range(worker, self.batches, workers))):
+            chunk = [next(samples) for _ in range(self.batch_size)]
+            data = [torch.frombuffer(bytearray(sample_image_bytes(s)), dtype=torch.uint8) for s in chunk]
+            yield data, torch.tensor([sample_label(s) for s in chunk], dtype=torch.float32)
+
+
+class GpuAugment:
+    """v2 augmentation for a whole uint8 batch on the device, parameters drawn per sample."""
+
+    def __init__(self, mean, std, device, generator: torch.Generator):
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.device, self.generator = device, generator
+
+    def uniform(self, count: int, low: float, high: float) -> torch.Tensor:
+        return torch.rand(count, device=self.device, generator=self.generator) * (high - low) + low
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        count = batch.shape[0]
+        angle = self.uniform(count, -15, 15) * math.pi / 180
+        shift = self.uniform(2 * count, -0.1, 0.1).view(count, 2) * 2  # affine_grid spans [-1, 1]
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        pixels = batch.float()
+        grid = nnf.affine_grid(theta, list(pixels.shape), align_corners=False)
+        pixels = nnf.grid_sample(pixels, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        pixels = (pixels * self.uniform(count, 0.8, 1.2).view(count, 1, 1, 1)).clamp_(0, 255)
+        flip = torch.rand(count, device=self.device, generator=self.generator) < 0.5
+        pixels = torch.where(flip.view(count, 1, 1, 1), pixels.flip(-1), pixels)
+        return ((pixels - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+
+def gpu_decode_pipeline(trainer, args, device) -> tuple[float, float]:
+    """(images/s of bytes -> nvJPEG -> GPU augment -> step, images/s of the GPU decode alone)."""
+    from torchvision.io import decode_jpeg
+
+    from dist_train.data import shard_urls
+
+    mean, std = trainer.model.data_config["mean"], trainer.model.data_config["std"]
+    augment = GpuAugment(mean, std, device, torch.Generator(device=device).manual_seed(0))
+    urls = shard_urls(trainer.cfg.data.train_shards)
+    warm = max(2, args.workers)
+    loader = DataLoader(ShardBytes(urls, args.batch_size, warm + args.steps), batch_size=None,
+                        num_workers=args.workers, pin_memory=False, prefetch_factor=4 if args.workers else None)
+    engine, decode_seconds, started = trainer.engine, 0.0, None
+    for index, (data, labels) in enumerate(loader):
+        if index == warm:
+            synchronize(device)
+            started, decode_seconds = time.perf_counter(), 0.0
+        decode_started = time.perf_counter()
+        decoded = decode_jpeg(data, device=device)
+        synchronize(device)
+        decode_seconds += time.perf_counter() - decode_started
+        images = augment(torch.stack(decoded))
+        engine.train_micro_step(images, labels.to(device, non_blocking=True), trainer.loss_fn)
+        engine.step()
+    synchronize(device)
+    images_timed = args.steps * args.batch_size
+    return images_timed / (time.perf_counter() - started), images_timed / max(decode_seconds, 1e-9)
+
+
+def host_decode_rate(shards: Path, count: int = 64) -> float:
+    """Images/s of one core decoding the shard JPEGs to RGB (PIL), as the workers do."""
+    import tarfile
+
+    from dist_train.data import shard_urls
+
+    blobs = []
+    with tarfile.open(shard_urls(str(shards / "train-*.tar"))[0]) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".jpg") and len(blobs) < count:
+                blobs.append(tar.extractfile(member).read())
+    started = time.perf_counter()
+    for blob in blobs:
+        np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+    return len(blobs) / (time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per measurement")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--n", type=int, default=256, help="synthetic images in the shards (cycled)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (model.compile)")
+    parser.add_argument("--clahe", action="store_true", help="CLAHE preprocessing in the pipeline (v3)")
+    parser.add_argument("--no-gpu-decode", dest="gpu_decode", action="store_false")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny run on the CPU: proves the script executes")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "dist_train_bench"))
+    parser.add_argument("--no-record", dest="record", action="store_false", help="print only (smoke runs)")
+    args = parser.parse_args()
+    has_gpu = torch.cuda.is_available()
+    if not has_gpu and not args.cpu_smoke:
+        print("no CUDA GPU visible: this benchmark needs one for real figures; running the CPU smoke test instead "
+              "(--cpu-smoke), which records nothing")
+        args.cpu_smoke = True
+    if args.cpu_smoke:
+        args.image_size, args.batch_size, args.steps, args.workers, args.n = 64, 4, 2, 1, 32
+        args.compile = False
+    device_name = "cuda" if has_gpu and not args.cpu_smoke else "cpu"
+    os.chdir(ROOT)
+    shards = ensure_shards(Path(args.workdir), args.n, args.image_size)
+    trainer = build_trainer(args, shards, device_name)
+    device = trainer.env.device
+    memory: dict[str, float] = {}
+    rates: dict[str, float] = {}
+    with peak_memory(device, memory, "model only"):
+        rates["model only"] = model_only(trainer, args, device)
+    rates["loop, memory"] = loop_on_memory(trainer, args, device)
+    with peak_memory(device, memory, "full pipeline"):
+        rates["full pipeline"] = full_pipeline(trainer, args, device)
+    if args.gpu_decode:
+        rates["gpu decode pipeline"], rates["gpu decode alone"] = gpu_decode_pipeline(trainer, args, device)
+    rates["host decode, 1 core"] = host_decode_rate(shards)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)"
+    print(f"\n{gpu}: efficientnet_b0 at {args.image_size} px, batch {args.batch_size}, "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, channels_last, "
+          f"compile {args.compile}, clahe {args.clahe}, {args.workers} workers, {args.steps} steps")
+    for name, rate in rates.items():
+        print(f"  {name:<24} {rate:9.1f} img/s")
+    for name, gib in memory.items():
+        print(f"  peak GPU memory, {name:<12} {gib:6.2f} GiB")
+    share = rates["full pipeline"] / rates["model only"]
+    print(f"  full pipeline / model only = {share:.2f} (target >= 0.90)")
+    if args.image_size == 384:
+        print(f"  v3 workload (54k images x 20 epochs) at the full-pipeline rate: "
+              f"{54_000 * 20 / rates['full pipeline'] / 60:.1f} min (target <= 15 min, >= 1,200 img/s)")
+    if args.cpu_smoke:
+        print("\nCPU smoke run only: every path executed; run on a CUDA GPU for real figures (nothing recorded).")
+        return
+    figures = (f"{gpu}, efficientnet_b0 {args.image_size} px, batch {args.batch_size}, bf16 autocast, "
+               f"channels_last, compile {args.compile}, clahe {args.clahe}, {args.workers} workers, host load avg "
+               f"{load_average():.1f}: " + ", ".join(f"{name} {rate:.0f} img/s" for name, rate in rates.items())
+               + f"; full/model {share:.2f} (target 0.90); peak memory "
+               + ", ".join(f"{name} {gib:.1f} GiB" for name, gib in memory.items()))
+    if args.record:
+        append_row("gpu_throughput", figures)
+
+
+if __name__ == "__main__":
+    main()
