@@ -120,10 +120,22 @@ def _last_line(error: BaseException) -> str:
 
 
 def _broadcast_buffers(module: torch.nn.Module, env: DistEnv) -> None:
-    """BatchNorm statistics differ per rank after the last forward; DCP stores one copy: make it rank 0's."""
-    if env.is_distributed:
-        for buffer in module.buffers():
-            dist.broadcast(buffer.data, src=0)
+    """BatchNorm statistics differ per rank after the last forward; DCP stores one copy: make it rank 0's.
+
+    One flattened broadcast per dtype instead of one per buffer (150 on efficientnet_b0).
+    """
+    if not env.is_distributed:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer.data)
+    for buffers in by_dtype.values():
+        flat = _flatten_dense_tensors(buffers)
+        dist.broadcast(flat, src=0)
+        for buffer, synced in zip(buffers, _unflatten_dense_tensors(flat, buffers)):
+            buffer.copy_(synced)
 
 
 def _write_durable(path: Path, text: str) -> None:

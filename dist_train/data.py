@@ -211,15 +211,13 @@ class Decoder:
             image = image.convert("RGB")
         if image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
-        pixels = np.asarray(image)
         if self.clahe is not None:
             from dist_train.transforms import apply_clahe
 
-            pixels = apply_clahe(pixels, clip_limit=self.clahe[0], tile_grid=self.clahe[1])
-        tensor = to_normalised_tensor(pixels, self.mean, self.std)
+            image = Image.fromarray(apply_clahe(np.asarray(image), clip_limit=self.clahe[0], tile_grid=self.clahe[1]))
         if self.augmenter is not None:
-            tensor = self.augmenter(tensor, np.random.default_rng(sample_seed))
-        return tensor
+            image = self.augmenter(image, np.random.default_rng(sample_seed))
+        return to_normalised_tensor(np.asarray(image), self.mean, self.std)
 
 
 @dataclass

@@ -74,7 +74,7 @@ class TrainerState:
 
 @dataclass
 class EpochStats:
-    """Per-rank sums over one epoch, reduced over ranks at its end."""
+    """One epoch's training figures, summed over ranks."""
 
     loss_sum: float = 0.0
     samples: int = 0
@@ -82,19 +82,21 @@ class EpochStats:
     predicted_positives: int = 0
     true_positives: int = 0
 
+
+class EpochSums:
+    """Per-rank sums kept on the device: adding a micro-batch never waits for the GPU."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
+
     def add(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
-        predicted = logits.cpu() > 0
-        truth = labels.cpu() > 0.5
-        self.loss_sum += float(loss) * len(labels)
-        self.samples += len(labels)
-        self.positives += int(truth.sum())
-        self.predicted_positives += int(predicted.sum())
-        self.true_positives += int((predicted & truth).sum())
+        predicted, truth = logits.detach() > 0, labels > 0.5
+        count = torch.full((), len(labels), dtype=torch.float64, device=self.sums.device)
+        self.sums += torch.stack([loss.detach().double() * count, count, truth.sum().double(),
+                                  predicted.sum().double(), (predicted & truth).sum().double()])
 
     def reduced(self, env: DistEnv) -> EpochStats:
-        values = torch.tensor([self.loss_sum, self.samples, self.positives, self.predicted_positives,
-                               self.true_positives], dtype=torch.float64)
-        total = distributed.all_reduce_sum(env, values).tolist()
+        total = distributed.all_reduce_sum(env, self.sums).tolist()
         return EpochStats(total[0], *(int(v) for v in total[1:]))
 
 
@@ -133,7 +135,7 @@ class Trainer:
         data = self.cfg.data
         mean, std = tuple(self.model.data_config["mean"]), tuple(self.model.data_config["std"])
         clahe = (data.clahe_clip_limit, data.clahe_tile_grid) if data.clahe else None
-        train = Decoder(data.image_size, mean, std, clahe, Augmenter(data.augment, mean, std))
+        train = Decoder(data.image_size, mean, std, clahe, Augmenter(data.augment))
         return {"train": train, "eval": Decoder(data.image_size, mean, std, clahe, None)}
 
     # ------------------------------------------------------------ the run
@@ -168,7 +170,7 @@ class Trainer:
             log.warning("could not write report.html: %s", error)
 
     def train_epoch(self, epoch: int) -> EpochStats:
-        stats = EpochStats()
+        stats = EpochSums(self.env.device)
         micro_batches = self.steps_per_epoch * self.cfg.train.accumulation_steps
         stream = TrainStream(self.train_urls, self.cfg.data, self.decoders["train"], self.cfg.train.batch_size,
                              self.env.rank, self.env.world_size, self.cfg.train.seed, epoch, micro_batches,
@@ -177,7 +179,8 @@ class Trainer:
                                          desc=f"epoch {epoch}")
         self.engine.module.train()
         self.unfreeze.set_train_mode(self.engine.module)
-        window_start, window_samples, non_finite = time.monotonic(), 0, False
+        window_start, window_samples = time.monotonic(), 0
+        non_finite = torch.zeros((), dtype=torch.bool, device=self.env.device)
         pin_memory = self.cfg.data.pin_memory and self.env.device.type == "cuda"
         for batch in make_loader(stream, self.cfg.data, pin_memory):
             self._count_bad(batch)
@@ -190,7 +193,7 @@ class Trainer:
                 self.lr_schedule.step(self.state.step, epoch)
             logits, loss = self.engine.train_micro_step(images, labels, self.loss_fn)
             loss = faults.corrupt_loss(loss, self.state.step + 1)
-            non_finite = non_finite or not bool(torch.isfinite(loss))
+            non_finite |= ~torch.isfinite(loss)
             self.position.advance(batch)
             stats.add(logits, labels, loss)
             window_samples += len(batch.keys)
@@ -198,7 +201,7 @@ class Trainer:
             if not self.engine.step():
                 continue
             self.state.step += 1
-            non_finite = False
+            non_finite.zero_()
             if preempted:
                 log.warning("preemption notice: checkpointing at step %d", self.state.step)
                 self.save_checkpoint()
@@ -215,14 +218,15 @@ class Trainer:
         progress.close()
         return stats.reduced(self.env)
 
-    def _check_window(self, non_finite: bool) -> bool:
+    def _check_window(self, non_finite: torch.Tensor) -> bool:
         """One small all-reduce per optimizer step, before the update is applied.
 
         A non-finite loss on any rank stops every rank before the bad update reaches the weights; a
         preemption notice on any rank (SLURM signals may reach only some) makes all checkpoint together
         once this step is applied.
         """
-        flags = torch.tensor([float(non_finite), float(preemption.requested())])
+        flags = torch.stack([non_finite.double(), torch.tensor(float(preemption.requested()), dtype=torch.float64,
+                                                                device=non_finite.device)])
         bad, preempted = (distributed.all_reduce_sum(self.env, flags) > 0).tolist()
         if bad:
             raise TrainingStopped(f"non-finite loss at optimizer step {self.state.step + 1}; the last good and "
