@@ -9,20 +9,27 @@ shard JPEGs as individual files in an ImageFolder layout. Then, in interleaved r
 --repeats counts, since the machine is shared), one epoch of each:
 
   (a) ours:        TrainStream + make_loader (dist_train/data.py), --workers workers, v2 augmentation
-                   (rotation 15, shift 0.1, brightness 0.8-1.2, hflip), normalised float batches;
+                   (rotation 15, shift 0.1, brightness 0.8-1.2, hflip). Its Decoder decodes, augments the
+                   8-bit PIL image (Augmenter: PIL affine, enhancers, flips) and converts once with
+                   to_normalised_tensor, so each worker stacks and ships normalised float32 batches;
   (b) torchvision: ImageFolder + DataLoader, same workers and batch size, the idiomatic v2 transforms
-                   (RandomAffine, ColorJitter brightness, RandomHorizontalFlip, ToDtype, Normalize);
+                   (RandomAffine, ColorJitter brightness, RandomHorizontalFlip on a uint8 tensor, then
+                   ToDtype, Normalize);
   (c) decode-only: the same files decoded to RGB pixels by --workers DataLoader workers, nothing
                    returned: the limit a JPEG pipeline cannot exceed on these cores;
-  (a') candidate:  TrainStream + make_loader with a decoder that augments on the uint8 PIL image (same
-                   per-sample parameters) and delivers uint8 batches, normalisation left to the device
-                   (a fraction of a millisecond per batch on a GPU; on this CPU it would cost the main
-                   process the "normalise a uint8 batch" line of the breakdown): what
-                   dist_train/augment.py and data.py could do instead.
+  (a') uint8 batches, normalised on the device: the product's TrainStream + make_loader, its decode and
+                   its Augmenter unchanged, but the decoder stops at the augmented uint8 pixels, so the
+                   workers stack and ship uint8 batches (4x fewer bytes between processes) and the
+                   normalisation is left to the device (a fraction of a millisecond per batch on a GPU;
+                   on this CPU it would cost the main process the "normalise a uint8 batch" line of the
+                   breakdown, which the rate here does not include).
 
-Prints the rates, the ratios (a)/(b) (target >= 1.5) and (a)/(c) (target >= 0.85), and a per-image cost
-breakdown of each stage in one thread, which says what bounds the pipeline. Appends a dated row to
-bench/RESULTS.md.
+Prints the rates, the ratios (a)/(b) (target >= 1.5) and (a)/(c) (target >= 0.85), and a cost breakdown
+in one thread of the stages the product's workers still run: per image the decode, the PIL Augmenter
+(its bilinear affine beside the nearest one, and the brightness enhancer) and to_normalised_tensor; per
+batch of 32 the torch.stack of a float batch and its move to shared memory (what a worker pays to hand a
+batch to the main process), beside the same for a uint8 batch and the cost of normalising a uint8 batch
+on this CPU. From these it says what bounds the pipeline. Appends a dated row to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as F
-from PIL import Image, ImageEnhance
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
@@ -56,7 +63,7 @@ from dist_train.synthetic import generate  # noqa: E402
 V2_AUGMENT = AugmentConfig(rotation_deg=15, shift=0.1, brightness=[0.8, 1.2], hflip=True)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 """efficientnet_b0's normalisation (timm resolves ImageNet's)."""
-CANDIDATE = "candidate uint8 decoder (a')"
+UINT8 = "uint8 decoder, whole sample (a')"
 
 
 # ---------------------------------------------------------------- data
@@ -155,34 +162,19 @@ def decode_only_rate(files: Path, args) -> float:
     return images / (time.perf_counter() - started)
 
 
-class Uint8Decoder:
-    """The candidate: the same per-sample parameters as Augmenter, applied to the PIL image (uint8, C code)."""
-
-    def __init__(self, image_size: int, cfg: AugmentConfig):
-        self.image_size, self.cfg = image_size, cfg
+class Uint8Decoder(Decoder):
+    """(a'): the product's Decoder (same decode, same Augmenter and per-sample draws) minus the float
+    conversion: it returns the augmented pixels as a 3xHxW uint8 tensor."""
 
     def __call__(self, sample, sample_seed: int) -> torch.Tensor:
-        cfg, rng = self.cfg, np.random.default_rng(sample_seed)
-        angle = float(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg))
-        shift = [int(round(rng.uniform(-cfg.shift, cfg.shift) * self.image_size)) for _ in range(2)]
-        scale = float(rng.uniform(1 - cfg.scale, 1 + cfg.scale))
-        brightness = float(rng.uniform(*cfg.brightness))
-        contrast = float(rng.uniform(*cfg.contrast))
-        hflip = cfg.hflip and rng.random() < 0.5
         with Image.open(io.BytesIO(sample_image_bytes(sample))) as image:
             image.draft("RGB", (self.image_size, self.image_size))
             image = image.convert("RGB")
         if image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
-        if angle or any(shift) or scale != 1.0:
-            image = F.affine(image, angle=angle, translate=shift, scale=scale, shear=[0.0, 0.0])
-        if brightness != 1.0:
-            image = ImageEnhance.Brightness(image).enhance(brightness)
-        if contrast != 1.0:
-            image = ImageEnhance.Contrast(image).enhance(contrast)
-        if hflip:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        if self.augmenter is not None:
+            image = self.augmenter(image, np.random.default_rng(sample_seed))
+        return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
 
 
 def normalise_uint8(batch: torch.Tensor) -> torch.Tensor:
@@ -195,34 +187,43 @@ def normalise_uint8(batch: torch.Tensor) -> torch.Tensor:
 
 
 def stage_costs(files: Path, size: int, count: int = 24) -> dict[str, float]:
-    """Milliseconds per image of each stage, best of 3, in this process with one thread."""
+    """Milliseconds per image of each stage, best of 3, in this process with one thread.
+
+    "(batch)" stages are timed once per 32 images and reported per batch.
+    """
     torch.set_num_threads(1)
     blobs = [p.read_bytes() for p in sorted(files.glob("*/*.jpg"))[:count]]
     pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
     pixels = [np.asarray(p) for p in pil]
-    tensors = [to_normalised_tensor(p, MEAN, STD) for p in pixels]
     uint8 = [torch.from_numpy(p.copy()).permute(2, 0, 1) for p in pixels]
-    augmenter = Augmenter(V2_AUGMENT, MEAN, STD)
+    augmenter = Augmenter(V2_AUGMENT)
     translate = [int(0.05 * size), int(-0.03 * size)]
     ours = Decoder(size, MEAN, STD, None, augmenter)
-    candidate = Uint8Decoder(size, V2_AUGMENT)
+    uint8_decoder = Uint8Decoder(size, MEAN, STD, None, augmenter)
     tv = torchvision_transform(size)
+    float_batch = torch.stack([to_normalised_tensor(p, MEAN, STD) for p in pixels[:1]] * 32)
+    uint8_batch = torch.stack(uint8[:1] * 32)
     stages = {
         "PIL decode": lambda i: Image.open(io.BytesIO(blobs[i])).convert("RGB"),
+        "Augmenter (ours, PIL uint8)": lambda i: augmenter(pil[i], np.random.default_rng(i)),
+        "  F.affine PIL, bilinear": lambda i: F.affine(pil[i], angle=7.0, translate=translate, scale=1.0,
+                                                       shear=[0.0, 0.0], interpolation=F.InterpolationMode.BILINEAR),
+        "  (F.affine PIL, nearest: not used)": lambda i: F.affine(pil[i], angle=7.0, translate=translate, scale=1.0,
+                                                                  shear=[0.0, 0.0]),
+        "  F.adjust_brightness PIL": lambda i: F.adjust_brightness(pil[i], 1.1),
         "to_normalised_tensor": lambda i: to_normalised_tensor(pixels[i], MEAN, STD),
-        "Augmenter (ours, float)": lambda i: augmenter(tensors[i], np.random.default_rng(i)),
-        "  F.affine float tensor": lambda i: F.affine(tensors[i], angle=7.0, translate=translate, scale=1.0,
-                                                      shear=[0.0, 0.0]),
-        "  F.affine uint8 tensor": lambda i: F.affine(uint8[i], angle=7.0, translate=translate, scale=1.0,
-                                                      shear=[0.0, 0.0]),
-        "  F.affine PIL": lambda i: F.affine(pil[i], angle=7.0, translate=translate, scale=1.0, shear=[0.0, 0.0]),
-        "  un/re-normalise + clamp": lambda i: (((tensors[i] * augmenter.std + augmenter.mean).clamp_(0, 1)
-                                                 - augmenter.mean) / augmenter.std),
         "Decoder (ours, whole sample)": lambda i: ours({"jpg": blobs[i]}, i),
+        UINT8: lambda i: uint8_decoder({"jpg": blobs[i]}, i),
         "torchvision transforms (b)": lambda i: tv(pil[i]),
-        CANDIDATE: lambda i: candidate({"jpg": blobs[i]}, i),
-        "stack 32 float images (batch)": lambda i: torch.stack(tensors[:1] * 32) if i == 0 else None,
-        "normalise 32 uint8 images (batch)": lambda i: normalise_uint8(torch.stack(uint8[:1] * 32)) if i == 0 else None,
+        "  F.affine uint8 tensor, nearest (b)": lambda i: F.affine(uint8[i], angle=7.0, translate=translate,
+                                                                   scale=1.0, shear=[0.0, 0.0]),
+        "stack 32 float images (batch)": lambda i: torch.stack([float_batch[0]] * 32) if i == 0 else None,
+        "  + move to shared memory (batch)": lambda i: (torch.stack([float_batch[0]] * 32).share_memory_()
+                                                        if i == 0 else None),
+        "stack 32 uint8 images (batch)": lambda i: torch.stack(uint8[:1] * 32) if i == 0 else None,
+        "  + move to shared memory, uint8 (batch)": lambda i: (torch.stack(uint8[:1] * 32).share_memory_()
+                                                               if i == 0 else None),
+        "normalise 32 uint8 images (batch)": lambda i: normalise_uint8(uint8_batch) if i == 0 else None,
     }
     costs = {}
     for name, function in stages.items():
@@ -251,15 +252,15 @@ def main() -> None:
     parser.add_argument("--no-record", dest="record", action="store_false", help="print only (smoke runs)")
     args = parser.parse_args()
     shards, files = ensure_data(args.workdir, args.n, args.raw_size, args.size)
-    ours_decoder = Decoder(args.size, MEAN, STD, None, Augmenter(V2_AUGMENT, MEAN, STD))
-    candidate_decoder = Uint8Decoder(args.size, V2_AUGMENT)
+    ours_decoder = Decoder(args.size, MEAN, STD, None, Augmenter(V2_AUGMENT))
+    uint8_decoder = Uint8Decoder(args.size, MEAN, STD, None, Augmenter(V2_AUGMENT))
     loads = [load_average()]
-    rates: dict[str, list[float]] = {"a": [], "b": [], "c": [], "cand": []}
+    rates: dict[str, list[float]] = {"a": [], "b": [], "c": [], "u8": []}
     for round_index in range(args.repeats):
         rates["a"].append(epoch_rate(ours_loader(shards, args, round_index, ours_decoder)))
         rates["b"].append(epoch_rate(torchvision_loader(files, args)))
         rates["c"].append(decode_only_rate(files, args))
-        rates["cand"].append(epoch_rate(ours_loader(shards, args, round_index, candidate_decoder)))
+        rates["u8"].append(epoch_rate(ours_loader(shards, args, round_index, uint8_decoder)))
         loads.append(load_average())
         print(f"round {round_index + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
               + " img/s", flush=True)
@@ -268,35 +269,52 @@ def main() -> None:
     print(f"\n{args.n} images at {args.size} px, {args.workers} workers, batch {args.batch_size}, "
           f"best of {args.repeats}, load avg {min(loads):.1f}-{max(loads):.1f}")
     names = {"a": "(a) ours (TrainStream + make_loader)", "b": "(b) torchvision ImageFolder + DataLoader",
-             "c": "(c) decode-only limit", "cand": "(a') candidate: uint8 PIL augment, uint8 out"}
+             "c": "(c) decode-only limit", "u8": "(a') uint8 batches, normalised on the device"}
     for key, rate in best.items():
-        print(f"  {names[key]:<44} {rate:7.1f} img/s")
+        print(f"  {names[key]:<46} {rate:7.1f} img/s")
     ab, ac = best["a"] / best["b"], best["a"] / best["c"]
     print(f"  (a)/(b) = {ab:.2f} (target >= 1.5: {verdict(ab, 1.5)})")
     print(f"  (a)/(c) = {ac:.2f} (target >= 0.85: {verdict(ac, 0.85)})")
-    print(f"  (a')/(b) = {best['cand'] / best['b']:.2f}, (a')/(c) = {best['cand'] / best['c']:.2f}")
-    print("\nper-image cost, one thread (ms):")
+    print(f"  (a')/(a) = {best['u8'] / best['a']:.2f}, (a')/(b) = {best['u8'] / best['b']:.2f}, "
+          f"(a')/(c) = {best['u8'] / best['c']:.2f}")
+    print("\nper-image cost, one thread (ms; '(batch)' lines per batch of 32):")
     for name, ms in costs.items():
-        print(f"  {name:<34} {ms:7.2f}")
-    bound = (f"bound: the float augmentation ({costs['Augmenter (ours, float)']:.1f} ms/img, of which affine on a "
-             f"float tensor {costs['  F.affine float tensor']:.1f} ms vs {costs['  F.affine PIL']:.1f} ms on PIL) "
-             f"costs more than the decode ({costs['PIL decode']:.1f} ms)")
-    if ac < 0.85:
-        print("\n" + bound)
-    figures = (f"{args.n} synthetic JPEGs at {args.size} px, v2 augmentation, {args.workers} workers, batch "
-               f"{args.batch_size}, best of {args.repeats}, load avg {min(loads):.1f}-{max(loads):.1f}: (a) ours "
-               f"{best['a']:.1f} img/s, (b) torchvision ImageFolder {best['b']:.1f} img/s, (c) decode-only "
-               f"{best['c']:.1f} img/s; (a)/(b) {ab:.2f} (target 1.5, {verdict(ab, 1.5)}), (a)/(c) {ac:.2f} "
-               f"(target 0.85, {verdict(ac, 0.85)}); candidate (uint8 PIL augment, uint8 batches normalised on the "
-               f"device) {best['cand']:.1f} img/s ((a')/(b) {best['cand'] / best['b']:.2f}); "
-               f"per image 1 thread: decode {costs['PIL decode']:.1f} ms, our Decoder "
-               f"{costs['Decoder (ours, whole sample)']:.1f} ms, torchvision transforms "
-               f"{costs['torchvision transforms (b)']:.1f} ms, candidate decoder "
-               f"{costs[CANDIDATE]:.1f} ms, stacking 32 float images {costs['stack 32 float images (batch)']:.0f} ms")
-    if ac < 0.85:
-        figures += "; " + bound
+        print(f"  {name:<40} {ms:7.2f}")
+    bound = bound_sentence(costs, args.workers, args.batch_size)
+    print("\n" + bound)
+    figures = (f"after moving augmentation to uint8 PIL: {args.n} synthetic JPEGs at {args.size} px, v2 augmentation, "
+               f"{args.workers} workers, batch {args.batch_size}, best of {args.repeats}, load avg "
+               f"{min(loads):.1f}-{max(loads):.1f}: (a) ours {best['a']:.1f} img/s, (b) torchvision ImageFolder "
+               f"{best['b']:.1f} img/s, (c) decode-only {best['c']:.1f} img/s; (a)/(b) {ab:.2f} (target 1.5, "
+               f"{verdict(ab, 1.5)}), (a)/(c) {ac:.2f} (target 0.85, {verdict(ac, 0.85)}); (a') uint8 batches "
+               f"normalised on the device {best['u8']:.1f} img/s ((a')/(a) {best['u8'] / best['a']:.2f}, (a')/(b) "
+               f"{best['u8'] / best['b']:.2f}); per image 1 thread: decode {costs['PIL decode']:.1f} ms, Augmenter "
+               f"(PIL) {costs['Augmenter (ours, PIL uint8)']:.1f} ms (affine {costs['  F.affine PIL, bilinear']:.1f}"
+               f" ms), to_normalised_tensor {costs['to_normalised_tensor']:.1f} ms, our Decoder "
+               f"{costs['Decoder (ours, whole sample)']:.1f} ms, uint8 decoder {costs[UINT8]:.1f} ms, torchvision "
+               f"transforms {costs['torchvision transforms (b)']:.1f} ms; per batch of 32: stack float "
+               f"{costs['stack 32 float images (batch)']:.0f} ms (+ shared memory "
+               f"{costs['  + move to shared memory (batch)']:.0f} ms), stack uint8 "
+               f"{costs['stack 32 uint8 images (batch)']:.0f} ms (+ shared memory "
+               f"{costs['  + move to shared memory, uint8 (batch)']:.0f} ms); {bound}")
     if args.record:
         append_row("data_throughput", figures)
+
+
+def bound_sentence(costs: dict[str, float], workers: int, batch_size: int) -> str:
+    """What bounds (a): its per-image worker work split into stages, beside the decode it cannot avoid."""
+    per_batch = costs["  + move to shared memory (batch)"] / batch_size
+    parts = {"decode": costs["PIL decode"], "PIL augmentation": costs["Augmenter (ours, PIL uint8)"],
+             "to_normalised_tensor": costs["to_normalised_tensor"],
+             "stack + shared memory of the float batch": per_batch}
+    total = sum(parts.values())
+    split = ", ".join(f"{name} {ms:.1f} ms ({ms / total:.0%})" for name, ms in parts.items())
+    largest = max(parts, key=parts.get)
+    return (f"bound: the workers' per-image CPU work, {total:.1f} ms ({split}; ceiling {workers} x "
+            f"{1000 / total:.0f} = {workers * 1000 / total:.0f} img/s on idle cores), led by {largest}; the "
+            f"augmentation's bilinear PIL affine alone costs {costs['  F.affine PIL, bilinear']:.1f} ms (nearest "
+            f"{costs['  (F.affine PIL, nearest: not used)']:.1f} ms); the decode is "
+            f"{costs['PIL decode'] / total:.0%} of it")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ class Augmenter:
         vflip = cfg.vflip and rng.random() < 0.5
         if angle or any(shift) or scale != 1.0:
             image = F.affine(image, angle=angle, translate=shift, scale=scale, shear=[0.0, 0.0],
-                             interpolation=F.InterpolationMode.BILINEAR)
+                             interpolation=F.InterpolationMode(cfg.interpolation))
         if brightness != 1.0:
             image = F.adjust_brightness(image, brightness)
         if contrast != 1.0:

@@ -44,6 +44,8 @@ class AugmentConfig:
     hflip: bool = False
     """Horizontal flip (left/right eye)."""
     vflip: bool = False
+    interpolation: Literal["nearest", "bilinear"] = "nearest"
+    """Resampling of the random affine: torchvision's default (nearest) costs a seventh of bilinear."""
 
     def validate(self, check: _Check) -> None:
         check.range("rotation_deg", self.rotation_deg, 0, 180)

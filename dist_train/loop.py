@@ -179,7 +179,7 @@ class Trainer:
                                          desc=f"epoch {epoch}")
         self.engine.module.train()
         self.unfreeze.set_train_mode(self.engine.module)
-        window_start, window_samples = time.monotonic(), 0
+        window_start, window_samples, shown_step = time.monotonic(), 0, self.state.step
         non_finite = torch.zeros((), dtype=torch.bool, device=self.env.device)
         pin_memory = self.cfg.data.pin_memory and self.env.device.type == "cuda"
         for batch in make_loader(stream, self.cfg.data, pin_memory):
@@ -209,12 +209,14 @@ class Trainer:
             if self.state.step % self.cfg.train.log_every_steps == 0:
                 rate = window_samples * self.env.world_size / max(time.monotonic() - window_start, 1e-9)
                 self._log_train(epoch, float(loss), rate)
-                progress.update(self.cfg.train.log_every_steps, loss=float(loss), img_s=round(rate, 1))
-                window_start, window_samples = time.monotonic(), 0
+                progress.update(self.state.step - shown_step, loss=float(loss), img_s=round(rate, 1))
+                window_start, window_samples, shown_step = time.monotonic(), 0, self.state.step
             every = self.cfg.checkpoint.every_steps
             if every and self.state.step % every == 0 and self.state.step - self.state.epoch_start_step < \
                     self.steps_per_epoch:
                 self.save_checkpoint()
+        if self.state.step > shown_step:
+            progress.update(self.state.step - shown_step)
         progress.close()
         return stats.reduced(self.env)
 
