@@ -82,6 +82,8 @@ class DataConfig:
     """Pinned host memory for batches (GPU runs only). Workers start per epoch and never outlive it."""
     max_bad_fraction: float = 0.01
     """Corrupt images tolerated (skipped and named) before the run stops."""
+    verify_shards: bool = False
+    """Check every shard's sha256 against the manifest before training (reads each shard once)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, check: _Check) -> None:

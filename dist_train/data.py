@@ -387,6 +387,27 @@ def shard_preprocessing(urls: list[str], manifest_setting: str) -> dict[str, Any
     return json.loads(manifest.read_text()).get("preprocessing", {}) if manifest else {}
 
 
+def verify_against_manifest(urls: list[str], manifest_setting: str) -> list[str]:
+    """Shards whose sha256 differs from the manifest's record (or that it does not list)."""
+    manifest = find_manifest(manifest_setting, urls)
+    if manifest is None:
+        return [f"no manifest found for {urls[0]}: data.verify_shards needs one"]
+    entries = {entry["name"]: entry for entry in json.loads(manifest.read_text())["shards"]}
+    problems = []
+    for url in urls:
+        entry = entries.get(Path(url).name)
+        if entry is None:
+            problems.append(f"{url} is not listed in {manifest}")
+            continue
+        digest = hashlib.sha256()
+        with open(url, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != entry["sha256"]:
+            problems.append(f"{url} does not match its sha256 in {manifest}")
+    return problems
+
+
 def split_counts(urls: list[str], manifest_setting: str, cache_dir: Path | None = None) -> SplitCounts:
     """Sample and positive counts from the manifest's shard entries, or by one scan (cached)."""
     manifest = find_manifest(manifest_setting, urls)

@@ -32,6 +32,7 @@ from dist_train.data import (
     shard_urls,
     split_counts,
     steps_per_epoch,
+    verify_against_manifest,
 )
 from dist_train.distributed import DistEnv
 from dist_train.engine import autocast, build_engine
@@ -107,6 +108,8 @@ class Trainer:
         distributed.seed_everything(cfg.train.seed + env.rank, cfg.train.deterministic)
         self.train_urls = shard_urls(cfg.data.train_shards)
         self.val_urls = shard_urls(cfg.data.val_shards)
+        if cfg.data.verify_shards:
+            self._verify_shards()
         self.train_counts = split_counts(self.train_urls, cfg.data.manifest, self.run_dir / "cache")
         self.val_counts = split_counts(self.val_urls, cfg.data.manifest, self.run_dir / "cache")
         self.steps_per_epoch = cfg.train.steps_per_epoch or steps_per_epoch(
@@ -130,6 +133,14 @@ class Trainer:
         self.tracker = Tracker(cfg, self.run_dir, env, run_id=saved and saved.get("run_id"),
                                resume_step=self.state.step if saved else None)
         self._announce(resume_from, saved)
+
+    def _verify_shards(self) -> None:
+        """Rank 0 hashes every shard once; every rank learns the verdict."""
+        problems = verify_against_manifest(self.train_urls + self.val_urls, self.cfg.data.manifest) \
+            if self.env.is_main else None
+        problems = distributed.broadcast_object(self.env, problems)
+        if problems:
+            raise DataError(f"shard verification failed for {len(problems)} shard(s): {problems[0]}")
 
     def _decoders(self) -> dict[str, Decoder]:
         data = self.cfg.data

@@ -8,6 +8,7 @@ The truncated and missing shard cases fail at once and run in this process throu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
 from pathlib import Path
@@ -173,3 +174,24 @@ def test_shard_removed_after_start_stops_with_its_name(clean_shards, tmp_path):
     missing = tmp_path / "train-000009.tar"
     with pytest.raises(DataError, match=f"cannot open shard {missing}"):
         list(iterate_shard(str(missing)))
+
+
+def test_shard_that_differs_from_its_manifest_is_refused_when_verification_is_on(clean_shards, tmp_path):
+    """Scenario 4: with data.verify_shards, a shard whose sha256 differs from the manifest stops the run."""
+    entries = []
+    for path in sorted(clean_shards.glob("*.tar")):
+        samples = sum(1 for name in tarfile.open(path).getnames() if name.endswith(".cls"))
+        entries.append({"name": path.name, "split": path.name.split("-")[0], "samples": samples, "positives": 0,
+                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    (clean_shards / "manifest.json").write_text(json.dumps({"shards": entries}))
+    tampered = clean_shards / "train-000001.tar"
+    raw = bytearray(tampered.read_bytes())
+    raw[700] ^= 0xFF
+    tampered.write_bytes(bytes(raw))
+    run_overrides = overrides(clean_shards, tmp_path / "runs", "train.epochs=1", "data.verify_shards=true")
+    code, stderr = main_in_process(main_argv(run_overrides))
+    assert code == 2, stderr[-2000:]
+    error = [line for line in text_lines(stderr) if line.startswith("error:")]
+    assert error and f"{tampered} does not match its sha256" in error[-1], stderr[-2000:]
+    code, stderr = main_in_process(main_argv(overrides(clean_shards, tmp_path / "runs2", "train.epochs=1")))
+    assert code == 0, "without verification the (still readable) shard trains"
