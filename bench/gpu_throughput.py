@@ -12,7 +12,7 @@ Measured one after another on the same engine, each --steps optimizer steps afte
                   sync until the end: the upper bound;
   loop, memory    Trainer.train_epoch on batches already on the GPU (its DataLoader replaced): the
                   loop's own cost (per-step host syncs, statistics, logging) on top of the model;
-  full pipeline   Trainer.train_epoch as a run does it: shards -> DataLoader workers (PIL decode, float
+  full pipeline   Trainer.train_epoch as a run does it: shards -> DataLoader workers (PIL decode, 8-bit
                   augmentation, normalisation) -> pinned copy -> step;
   gpu decode      a candidate input path: workers only read shard bytes; nvJPEG decodes the batch on
                   the GPU (torchvision.io.decode_jpeg(device="cuda")), augmentation (per-sample affine via

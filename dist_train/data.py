@@ -345,15 +345,18 @@ class EvalStream(IterableDataset):
         yield from decode_batches(iterate_share(share), self.decoder, self.batch_size, 0, worker, keep_last=True)
 
 
-def make_loader(dataset: IterableDataset, cfg: DataConfig, pin_memory: bool) -> DataLoader:
+def make_loader(dataset: IterableDataset, cfg: DataConfig, pin_memory: bool, timeout_s: float = 0) -> DataLoader:
     """A DataLoader over already-batched items; workers start per epoch so none outlive it.
 
     Its own generator keeps the worker base seed from drawing on the global RNG, which dropout uses:
-    a run resumed mid-epoch must see the same dropout masks as one never interrupted.
+    a run resumed mid-epoch must see the same dropout masks as one never interrupted. A worker that
+    produces nothing for `timeout_s` raises here, on its own rank, instead of leaving the other ranks
+    waiting in a collective.
     """
     return DataLoader(dataset, batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory,
                       prefetch_factor=cfg.prefetch_factor if cfg.workers > 0 else None,
-                      persistent_workers=False, collate_fn=_identity, generator=torch.Generator())
+                      persistent_workers=False, collate_fn=_identity, generator=torch.Generator(),
+                      timeout=timeout_s if cfg.workers > 0 else 0)
 
 
 def _identity(item: Batch) -> Batch:

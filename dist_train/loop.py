@@ -193,7 +193,7 @@ class Trainer:
         window_start, window_samples, shown_step = time.monotonic(), 0, self.state.step
         non_finite = torch.zeros((), dtype=torch.bool, device=self.env.device)
         pin_memory = self.cfg.data.pin_memory and self.env.device.type == "cuda"
-        for batch in make_loader(stream, self.cfg.data, pin_memory):
+        for batch in make_loader(stream, self.cfg.data, pin_memory, self.cfg.engine.timeout_s):
             self._count_bad(batch)
             if not batch.keys:
                 continue
@@ -281,7 +281,8 @@ class Trainer:
     def evaluate(self, epoch: int, train_stats: EpochStats) -> dict[str, Any] | None:
         stream = EvalStream(self.val_urls, self.decoders["eval"], self.cfg.eval.batch_size, self.env.rank,
                             self.env.world_size, self.cfg.data.workers)
-        local = evaluate.score_stream(self.engine.module, make_loader(stream, self.cfg.data, False),
+        loader = make_loader(stream, self.cfg.data, False, self.cfg.engine.timeout_s)
+        local = evaluate.score_stream(self.engine.module, loader,
                                       self.env.device, self.cfg.eval.tta, self.loss_fn,
                                       lambda: autocast(self.cfg, self.env.device))
         merged = evaluate.gather_scores(self.env, local, self.val_counts.samples)
