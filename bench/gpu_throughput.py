@@ -145,7 +145,7 @@ def loop_on_memory(trainer, args, device) -> float:
     labels = (torch.rand(args.batch_size, device=device) < 0.2).float()
     keys = [str(i) for i in range(args.batch_size)]
 
-    def memory_loader(stream, cfg, pin_memory):
+    def memory_loader(stream, cfg, pin_memory, timeout_s=0):
         for index in range(stream.micro_batches):
             yield Batch(images, labels, keys, 0, index + 1)
 

@@ -85,7 +85,7 @@ class OursRunner:
         from dist_train.config import config_from_dict
         from dist_train.data import Batch, StreamPosition
 
-        def memory_loader(stream, cfg, pin_memory):
+        def memory_loader(stream, cfg, pin_memory, timeout_s=0):
             for index in range(stream.micro_batches):
                 images, labels = batches[index % len(batches)]
                 yield Batch(images, labels, [f"k{index}-{i}" for i in range(len(labels))], 0, index + 1)

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -434,9 +435,11 @@ def _scan_counts(urls: list[str], cache_dir: Path | None) -> SplitCounts:
             samples += 1
             positives += sample_label(sample)
     counts = SplitCounts(samples, positives)
-    if cache is not None:
+    if cache is not None:  # every rank may count at once: write aside, then rename
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(counts.__dict__))
+        staging = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        staging.write_text(json.dumps(counts.__dict__))
+        os.replace(staging, cache)
     return counts
 
 

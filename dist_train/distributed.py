@@ -111,14 +111,6 @@ def gather_to_main(env: DistEnv, obj: Any) -> list[Any] | None:
     return gathered
 
 
-def all_gather_object(env: DistEnv, obj: Any) -> list[Any]:
-    if not env.is_distributed:
-        return [obj]
-    gathered: list[Any] = [None] * env.world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
 def all_reduce_sum(env: DistEnv, values: torch.Tensor) -> torch.Tensor:
     """Sum a small tensor over ranks (counts, losses); a copy, the input is untouched."""
     total = values.detach().clone()
@@ -127,11 +119,6 @@ def all_reduce_sum(env: DistEnv, values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(on_device)
         total = on_device.cpu() if env.backend == "nccl" else on_device
     return total
-
-
-def any_rank(env: DistEnv, flag: bool) -> bool:
-    """True on every rank when `flag` is true on at least one (e.g. a preemption notice)."""
-    return bool(all_reduce_sum(env, torch.tensor([1.0 if flag else 0.0]))[0] > 0)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

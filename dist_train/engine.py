@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from typing import Any
 
 import torch
@@ -187,6 +186,3 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config
         return DeepSpeedEngine(model, optimizer, cfg, env, schedule)
     return DDPEngine(model, optimizer, cfg, env)
 
-
-def is_finite(value: torch.Tensor) -> bool:
-    return math.isfinite(float(value))

@@ -123,7 +123,7 @@ class Predictor:
             chunk = paths[start:start + batch_size]
             images = torch.stack([decoder({"jpg": _reencode(load_fundus(p, shard_size)[0], quality)}, 0)
                                   for p in chunk])
-            batch = _FakeLoaderBatch(images, torch.zeros(len(chunk)), [p.stem for p in chunk])
+            batch = _ImageBatch(images, torch.zeros(len(chunk)), [p.stem for p in chunk])
             part = score_stream(self.model, [batch], self.device, self.meta["tta"], None, _no_autocast)
             keys += part.keys
             scores += part.scores
@@ -131,7 +131,7 @@ class Predictor:
 
 
 @dataclass
-class _FakeLoaderBatch:
+class _ImageBatch:
     """The shape score_stream reads from a loader batch (images, labels, keys, bad)."""
 
     images: torch.Tensor

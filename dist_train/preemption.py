@@ -1,7 +1,7 @@
 """Preemption notices: a signal only raises a flag; the loop acts on it at the next optimizer step.
 
 Why a flag and not work in the handler: a signal lands between any two bytecodes, maybe inside a
-collective or a checkpoint write. The loop instead asks `distributed.any_rank(env, requested())` once
+collective or a checkpoint write. The loop instead sums `requested()` over ranks (one all-reduce) once
 per optimizer step, so every rank learns of a notice that reached only some of them (submitit calls
 `checkpoint()` on the first task only), saves its shard in step with the others, then raises
 `Preempted`. The launcher decides what follows: `dist_train.slurm.TrainingJob` requeues through

@@ -41,10 +41,10 @@ def kill_processes_mentioning(marker: str) -> int:
 
 
 def kill_after_checkpoint(nproc: int, config: str, overrides: list[str], checkpoints: Path,
-                          min_step: int, timeout: int = 300) -> int:
+                          min_step: int, timeout: int = 300, resume: str = "none") -> int:
     """Start a run and SIGKILL the launcher and every rank once `latest` names a step >= min_step."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    process = subprocess.Popen(train_command(nproc, config, overrides, "none"), env=env, cwd=REPO,
+    process = subprocess.Popen(train_command(nproc, config, overrides, resume), env=env, cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     latest = checkpoints / "latest"

@@ -84,8 +84,8 @@ def test_zero2_unfreezes_resumes_exactly_and_on_another_world_size(shards, tmp_p
         assert torch.equal(value, consolidated[name]), name
     assert meta["model"]["backbone"] == "resnet10t"
 
-    kill_after_checkpoint(2, CONFIG, settings(shards, tmp_path / "b"), tmp_path / "b" / "test_tiny" / "checkpoints",
-                          min_step=2)
+    killed_at = kill_after_checkpoint(2, CONFIG, settings(shards, tmp_path / "b"),
+                                      tmp_path / "b" / "test_tiny" / "checkpoints", min_step=2)
     shutil.copytree(tmp_path / "b", tmp_path / "c")
     resumed = run_training(2, CONFIG, settings(shards, tmp_path / "b"), resume="auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -95,11 +95,13 @@ def test_zero2_unfreezes_resumes_exactly_and_on_another_world_size(shards, tmp_p
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
 
-    one_rank = run_training(1, CONFIG, settings(shards, tmp_path / "c"), resume="auto")
-    assert one_rank.returncode == 0, one_rank.stderr[-3000:]
+    kill_after_checkpoint(1, CONFIG, settings(shards, tmp_path / "c"), tmp_path / "c" / "test_tiny" / "checkpoints",
+                          min_step=killed_at + 2, resume="auto")
+    back_to_two = run_training(2, CONFIG, settings(shards, tmp_path / "c"), resume="auto")
+    assert back_to_two.returncode == 0, back_to_two.stderr[-3000:]
     records = history(tmp_path / "c" / "test_tiny")
-    resume = [r for r in records if r["kind"] == "resume"][-1]
-    assert (resume["saved_world_size"], resume["world_size"]) == (2, 1)
+    resumes = [(r["saved_world_size"], r["world_size"]) for r in records if r["kind"] == "resume"]
+    assert resumes == [(2, 1), (1, 2)]
     steps = [r["step"] for r in records if r["kind"] == "train"]
     assert steps == sorted(set(steps)) and len([r for r in records if r["kind"] == "eval"]) == 2
     assert records[-1]["kind"] == "summary" and records[-1]["epochs_done"] == 2
