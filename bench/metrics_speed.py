@@ -11,10 +11,6 @@ bench/RESULTS.md.
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
-import socket
 import sys
 import time
 from pathlib import Path
@@ -24,16 +20,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.metrics import roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dist_train import metrics  # noqa: E402  (runs from a checkout without installing)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_row, free_port  # noqa: E402  (runs from a checkout without installing)
+
+from dist_train import metrics  # noqa: E402
 
 SCORES = 1_000_000
 POSITIVE_RATE = 0.02
 TRIPLES = 100_000
 RANKS = 2
 REPEATS = 3
-RESULTS = Path(__file__).with_name("RESULTS.md")
-HEADER = "| date | benchmark | machine | cores | figures |\n| --- | --- | --- | --- | --- |\n"
 
 
 def best_of(function, *args) -> float:
@@ -57,12 +53,6 @@ def time_metrics() -> dict[str, float]:
         "airogs_beta": best_of(metrics.airogs_beta, labels, scores),
         "compute_all": best_of(metrics.compute_all, labels, scores),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def gather_worker(rank: int, port: int, queue) -> None:
@@ -89,16 +79,6 @@ def time_gather() -> tuple[float, int]:
     return queue.get()
 
 
-def append_row(figures: str) -> None:
-    """Append one dated row; the file is shared with other benchmarks, so never rewrite it."""
-    row = (f"| {datetime.date.today().isoformat()} | metrics_speed | {platform.machine()} | {os.cpu_count()} "
-           f"| {figures} |\n")
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\n" + HEADER)
-    with RESULTS.open("a") as results:
-        results.write(row)
-
-
 def main() -> None:
     timings = time_metrics()
     for name, seconds in timings.items():
@@ -110,7 +90,7 @@ def main() -> None:
                f"α {timings['airogs_alpha'] * 1000:.0f} ms, β {timings['airogs_beta'] * 1000:.0f} ms, "
                f"compute_all {timings['compute_all'] * 1000:.0f} ms; "
                f"gather_object {gathered:,} triples / {RANKS} gloo ranks {gather_seconds * 1000:.0f} ms")
-    append_row(figures)
+    append_row("metrics_speed", figures)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ Prints the rates and ratios and appends a dated row to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -24,13 +22,11 @@ from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_row  # noqa: E402  (runs from a checkout without installing)
 
 from dist_train.sharding import BuildOptions, build  # noqa: E402
 from dist_train.synthetic import generate  # noqa: E402
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
-HEADER = "| date | benchmark | machine | cores | figures |\n| --- | --- | --- | --- | --- |\n"
 
 
 def decode_rate(paths: list[Path], draft_side: int | None) -> float:
@@ -62,16 +58,6 @@ def ensure_images(workdir: Path, n: int, size: int) -> Path:
     return images
 
 
-def append_row(figures: str) -> None:
-    """Append one dated row; the file is shared with other benchmarks, so never rewrite it."""
-    row = (f"| {datetime.date.today().isoformat()} | shard_build | {platform.machine()} | {os.cpu_count()} "
-           f"| {figures} |\n")
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\n" + HEADER)
-    with RESULTS.open("a") as results:
-        results.write(row)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200)
@@ -97,7 +83,7 @@ def main() -> None:
                f"img/s ({draft / full:.1f}x), build 1 worker {single:.1f} img/s ({single / full:.2f}x full "
                f"decode), build {args.workers} workers {parallel:.1f} img/s ({parallel / single:.2f}x 1 worker)")
     print(figures)
-    append_row(figures)
+    append_row("shard_build", figures)
 
 
 if __name__ == "__main__":
