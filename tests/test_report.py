@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -185,3 +186,45 @@ def load_cli(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory) -> list[Path]:
+    """Two real (tiny) training runs with different learning rates, as users compare them."""
+    from conftest import write_shards
+
+    root = tmp_path_factory.mktemp("real_runs")
+    write_shards(root / "shards", "train", [30, 30], positive_every=3)
+    write_shards(root / "shards", "val", [24], positive_every=3)
+    runs = []
+    for name, lr in (("lr_low", "1e-4"), ("lr_high", "3e-3")):
+        result = subprocess.run([sys.executable, "-m", "dist_train.main", "--config", "configs/test_tiny.yaml",
+                                 "--resume", "none", "--set", f"data.train_shards={root}/shards/train-*.tar",
+                                 f"data.val_shards={root}/shards/val-*.tar", f"run_root={root}", f"name={name}",
+                                 f"optim.lr={lr}", "tracking.html_report=true"],
+                                capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(root / name)
+    return runs
+
+
+def test_compare_and_report_on_real_run_directories(real_runs, tmp_path):
+    for run_dir in real_runs:
+        assert (run_dir / "report.html").stat().st_size > 10_000, "each run writes its own report"
+    compared = subprocess.run([sys.executable, "launch/compare.py", *map(str, real_runs), "--markdown"],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    out = tmp_path / "report.html"
+    subprocess.run([sys.executable, "launch/report.py", *map(str, real_runs), "--out", str(out)], check=True,
+                   capture_output=True, cwd=REPO, timeout=120)
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("chromium not found: run tests/install_test_deps.sh (apt-get install -y chromium)")
+    table = re.search(r'<table id="comparison">.*?</table>', chromium(browser, tmp_path, "--dump-dom", out.as_uri()),
+                      re.S).group(0)
+    for run_dir in real_runs:
+        evals = records_of(run_dir, "eval")
+        best = max(evals, key=lambda record: record["alpha"])
+        figure = f"{best['alpha']:.4f} (epoch {best['epoch']})"
+        assert figure in compared.stdout and figure in table, (figure, run_dir.name)
+    assert "| optim.lr | 0.0001 | 0.003 |" in compared.stdout
