@@ -24,6 +24,17 @@ def to_normalised_tensor(pixels: np.ndarray, mean: tuple[float, ...], std: tuple
     return tensor.sub_(offset).div_(scale)
 
 
+class Normaliser:
+    """Normalise a uint8 batch where it already is (the GPU): what workers skip with Decoder(normalise=False)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+        self.offset = torch.tensor([255.0 * m for m in mean], device=device).view(1, 3, 1, 1)
+        self.scale = torch.tensor([255.0 * s for s in std], device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images if images.is_floating_point() else (images.float() - self.offset) / self.scale
+
+
 class Augmenter:
     """Random affine, brightness/contrast and flips, as the recipes configure them.
 

@@ -35,7 +35,7 @@ class Scores:
 
 @torch.no_grad()
 def score_stream(module: nn.Module, loader: Any, device: torch.device, tta: str, loss_fn: nn.Module | None,
-                 autocast_context: Any) -> Scores:
+                 autocast_context: Any, prepare: Any = None) -> Scores:
     """This rank's (key, label, probability) over its share of the validation stream."""
     was_training = module.training
     module.eval()
@@ -45,6 +45,7 @@ def score_stream(module: nn.Module, loader: Any, device: torch.device, tta: str,
         if not batch.keys:
             continue
         images = batch.images.to(device, non_blocking=True)
+        images = prepare(images) if prepare is not None else images
         with autocast_context():
             view_logits = [module(view).float() for view in tta_views(images, tta)]
         probabilities = torch.stack([torch.sigmoid(logits) for logits in view_logits]).mean(0).cpu()

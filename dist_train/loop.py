@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from dist_train import checkpoint, distributed, evaluate, faults, metrics, preemption
-from dist_train.augment import Augmenter
+from dist_train.augment import Augmenter, Normaliser
 from dist_train.config import Config, to_dict
 from dist_train.data import (
     Batch,
@@ -122,7 +122,9 @@ class Trainer:
         self.engine = build_engine(self.model, optimizer, cfg, env, self.unfreeze)
         self.lr_schedule = LRSchedule(self.engine.optimizer, cfg.schedule, cfg.unfreeze.phases,
                                       self.steps_per_epoch, cfg.train.epochs)
-        self.decoders = self._decoders()
+        mean, std = tuple(self.model.data_config["mean"]), tuple(self.model.data_config["std"])
+        self.normalise = Normaliser(mean, std, env.device)
+        self.decoders = self._decoders(mean, std)
         self.state = TrainerState()
         self.position = StreamPosition()
         self.bad_this_epoch: set[tuple[str, str]] = set()
@@ -142,12 +144,13 @@ class Trainer:
         if problems:
             raise DataError(f"shard verification failed for {len(problems)} shard(s): {problems[0]}")
 
-    def _decoders(self) -> dict[str, Decoder]:
+    def _decoders(self, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Decoder]:
+        """On a GPU, workers hand over 8-bit images and the GPU normalises; on a CPU, workers normalise."""
         data = self.cfg.data
-        mean, std = tuple(self.model.data_config["mean"]), tuple(self.model.data_config["std"])
         clahe = (data.clahe_clip_limit, data.clahe_tile_grid) if data.clahe else None
-        train = Decoder(data.image_size, mean, std, clahe, Augmenter(data.augment))
-        return {"train": train, "eval": Decoder(data.image_size, mean, std, clahe, None)}
+        in_workers = self.env.device.type != "cuda"
+        train = Decoder(data.image_size, mean, std, clahe, Augmenter(data.augment), normalise=in_workers)
+        return {"train": train, "eval": Decoder(data.image_size, mean, std, clahe, None, normalise=in_workers)}
 
     # ------------------------------------------------------------ the run
 
@@ -197,7 +200,7 @@ class Trainer:
             self._count_bad(batch)
             if not batch.keys:
                 continue
-            images = batch.images.to(self.env.device, non_blocking=True)
+            images = self.normalise(batch.images.to(self.env.device, non_blocking=True))
             labels = batch.labels.to(self.env.device, non_blocking=True)
             boundary = self.engine.at_boundary
             if boundary:
@@ -284,7 +287,7 @@ class Trainer:
         loader = make_loader(stream, self.cfg.data, False, self.cfg.engine.timeout_s)
         local = evaluate.score_stream(self.engine.module, loader,
                                       self.env.device, self.cfg.eval.tta, self.loss_fn,
-                                      lambda: autocast(self.cfg, self.env.device))
+                                      lambda: autocast(self.cfg, self.env.device), self.normalise)
         merged = evaluate.gather_scores(self.env, local, self.val_counts.samples)
         if merged is None:
             return None

@@ -168,3 +168,18 @@ def test_class_balanced_sampling_reaches_the_requested_fraction(tmp_path):
     labels = torch.cat([batch.labels for batch in make_loader(stream, data, False)])
     assert len(labels) == 320
     assert 0.4 < labels.mean().item() < 0.6
+
+
+def test_uint8_decoding_normalised_on_the_device_equals_normalising_in_workers(tmp_path):
+    from dist_train.augment import Augmenter, Normaliser
+    from dist_train.config import AugmentConfig
+
+    paths = write_shards(tmp_path, "train", [6])
+    augment = Augmenter(AugmentConfig(rotation_deg=10, shift=0.1, brightness=[0.8, 1.2], hflip=True))
+    in_workers = Decoder(32, MEAN, STD, (2.0, 8), augment)
+    on_device = Decoder(32, MEAN, STD, (2.0, 8), augment, normalise=False)
+    samples = list(iterate_shard(str(paths[0])))
+    raw = torch.stack([on_device(sample, index) for index, sample in enumerate(samples)])
+    assert raw.dtype == torch.uint8
+    expected = torch.stack([in_workers(sample, index) for index, sample in enumerate(samples)])
+    torch.testing.assert_close(Normaliser(MEAN, STD, torch.device("cpu"))(raw), expected, rtol=1e-5, atol=1e-5)
