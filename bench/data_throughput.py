@@ -56,7 +56,7 @@ from common import append_row, load_average, verdict  # noqa: E402
 
 from dist_train.augment import Augmenter, to_normalised_tensor  # noqa: E402
 from dist_train.config import AugmentConfig, DataConfig  # noqa: E402
-from dist_train.data import Decoder, TrainStream, make_loader, sample_image_bytes, shard_urls  # noqa: E402
+from dist_train.data import Decoder, TrainStream, make_loader, shard_urls  # noqa: E402
 from dist_train.sharding import BuildOptions, build  # noqa: E402
 from dist_train.synthetic import generate  # noqa: E402
 
@@ -162,21 +162,6 @@ def decode_only_rate(files: Path, args) -> float:
     return images / (time.perf_counter() - started)
 
 
-class Uint8Decoder(Decoder):
-    """(a'): the product's Decoder (same decode, same Augmenter and per-sample draws) minus the float
-    conversion: it returns the augmented pixels as a 3xHxW uint8 tensor."""
-
-    def __call__(self, sample, sample_seed: int) -> torch.Tensor:
-        with Image.open(io.BytesIO(sample_image_bytes(sample))) as image:
-            image.draft("RGB", (self.image_size, self.image_size))
-            image = image.convert("RGB")
-        if image.size != (self.image_size, self.image_size):
-            image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
-        if self.augmenter is not None:
-            image = self.augmenter(image, np.random.default_rng(sample_seed))
-        return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
-
-
 def normalise_uint8(batch: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD).view(1, 3, 1, 1) * 255
@@ -199,7 +184,7 @@ def stage_costs(files: Path, size: int, count: int = 24) -> dict[str, float]:
     augmenter = Augmenter(V2_AUGMENT)
     translate = [int(0.05 * size), int(-0.03 * size)]
     ours = Decoder(size, MEAN, STD, None, augmenter)
-    uint8_decoder = Uint8Decoder(size, MEAN, STD, None, augmenter)
+    uint8_decoder = Decoder(size, MEAN, STD, None, augmenter, normalise=False)
     tv = torchvision_transform(size)
     float_batch = torch.stack([to_normalised_tensor(p, MEAN, STD) for p in pixels[:1]] * 32)
     uint8_batch = torch.stack(uint8[:1] * 32)
@@ -254,7 +239,7 @@ def main() -> None:
     args = parser.parse_args()
     shards, files = ensure_data(args.workdir, args.n, args.raw_size, args.size)
     ours_decoder = Decoder(args.size, MEAN, STD, None, Augmenter(V2_AUGMENT))
-    uint8_decoder = Uint8Decoder(args.size, MEAN, STD, None, Augmenter(V2_AUGMENT))
+    uint8_decoder = Decoder(args.size, MEAN, STD, None, Augmenter(V2_AUGMENT), normalise=False)
     loads = [load_average()]
     rates: dict[str, list[float]] = {"a": [], "b": [], "c": [], "u8": []}
     for round_index in range(args.repeats):
