@@ -89,10 +89,9 @@ def _run(cfg: Config, env: distributed.DistEnv, resume: str) -> int:
 
     lock = None
     try:
-        if env.is_main:
-            lock = _lock_run_dir(cfg.run_dir)
-            save_config(cfg, cfg.run_dir / "config.yaml")
-        distributed.barrier(env)
+        lock, refusal = _lock_on_main(cfg, env)
+        if refusal:  # every rank learns it, so none is left waiting in a collective
+            raise RunLocked(refusal)
         resume_from = checkpoint.resolve_resume(resume, cfg.run_dir)
         trainer = Trainer(cfg, env, resume_from)
         summary = trainer.train()
@@ -108,6 +107,18 @@ def _run(cfg: Config, env: distributed.DistEnv, resume: str) -> int:
     finally:
         if lock is not None:
             lock.close()
+
+
+def _lock_on_main(cfg: Config, env: distributed.DistEnv):
+    """Rank 0 takes the run directory's lock and saves the config; every rank gets the lock's verdict."""
+    lock, refusal = None, None
+    if env.is_main:
+        try:
+            lock = _lock_run_dir(cfg.run_dir)
+            save_config(cfg, cfg.run_dir / "config.yaml")
+        except RunLocked as error:
+            refusal = str(error)
+    return lock, distributed.broadcast_object(env, refusal)
 
 
 def one_line(error: BaseException) -> str:

@@ -105,3 +105,19 @@ def test_second_job_on_a_locked_run_directory_refuses(shards, tmp_path):
     assert error and "in use by another job" in error[0] and str(run_dir / ".lock") in error[0], stderr
     assert after == before, "the refused job changed the run directory"
     assert sorted(path.name for path in run_dir.iterdir()) == [".lock", "config.yaml"]
+
+
+@pytest.mark.slow
+def test_second_two_rank_job_on_a_locked_run_directory_refuses_on_every_rank(shards, tmp_path):
+    """Scenario 10 with 2 ranks: rank 0 finds the lock taken and rank 1 learns it too, with no traceback."""
+    from run_helpers import run_training
+
+    run_dir = tmp_path / "runs" / "test_tiny"
+    run_dir.mkdir(parents=True)
+    with open(run_dir / ".lock", "a+") as first_job:
+        fcntl.flock(first_job, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run_training(2, str(REPO / "configs" / "test_tiny.yaml"), overrides(shards, tmp_path / "runs"),
+                              timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    refusals = [line for line in text_lines(result.stderr) if "in use by another job" in line]
+    assert len(refusals) >= 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
