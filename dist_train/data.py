@@ -35,6 +35,7 @@ from webdataset.shardlists import expand_urls
 
 from dist_train.augment import Augmenter, to_normalised_tensor
 from dist_train.config import DataConfig
+from dist_train.transforms import apply_clahe
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +219,6 @@ class Decoder:
         if image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
         if self.clahe is not None:
-            from dist_train.transforms import apply_clahe
-
             image = Image.fromarray(apply_clahe(np.asarray(image), clip_limit=self.clahe[0], tile_grid=self.clahe[1]))
         if self.augmenter is not None:
             image = self.augmenter(image, np.random.default_rng(sample_seed))

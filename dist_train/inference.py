@@ -8,6 +8,7 @@ that training applied. Raw JPEGs go through the same crop, resize and JPEG re-en
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -112,7 +113,7 @@ class Predictor:
         stream = EvalStream(shard_urls(url), self.decoder(), batch_size, 0, 1, workers)
         data = DataConfig(train_shards="-", val_shards=url, workers=workers)
         return score_stream(self.model, make_loader(stream, data, False), self.device, self.meta["tta"], None,
-                            _no_autocast)
+                            contextlib.nullcontext)
 
     def score_images(self, paths: list[Path], shard_size: int, quality: int, batch_size: int = 32) -> Scores:
         """Raw fundus JPEGs through the shard builder's preprocessing, then the evaluation decoder."""
@@ -124,7 +125,7 @@ class Predictor:
             images = torch.stack([decoder({"jpg": _reencode(load_fundus(p, shard_size)[0], quality)}, 0)
                                   for p in chunk])
             batch = _ImageBatch(images, torch.zeros(len(chunk)), [p.stem for p in chunk])
-            part = score_stream(self.model, [batch], self.device, self.meta["tta"], None, _no_autocast)
+            part = score_stream(self.model, [batch], self.device, self.meta["tta"], None, contextlib.nullcontext)
             keys += part.keys
             scores += part.scores
         return Scores(keys, [0] * len(keys), scores, 0.0, [])
@@ -144,12 +145,6 @@ def _reencode(image, quality: int) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
-
-
-def _no_autocast():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _export_file(path: Path) -> Path:

@@ -112,6 +112,7 @@ class Trainer:
             self._verify_shards()
         self.train_counts = split_counts(self.train_urls, cfg.data.manifest, self.run_dir / "cache")
         self.val_counts = split_counts(self.val_urls, cfg.data.manifest, self.run_dir / "cache")
+        self.shard_preprocessing = shard_preprocessing(self.train_urls, cfg.data.manifest)
         self.steps_per_epoch = cfg.train.steps_per_epoch or steps_per_epoch(
             self.train_counts.samples, env.world_size, cfg.train.batch_size, cfg.train.accumulation_steps)
         self.model = prepare_model(build_model(cfg.model), cfg.model, env.device)
@@ -395,7 +396,7 @@ class Trainer:
                          "engine_extra": _jsonable(self.engine.state_extra()),
                          "config": scrub_secrets(to_dict(self.cfg)),
                          "run_id": self.tracker.run_id, "steps_per_epoch": self.steps_per_epoch,
-                         "shard_preprocessing": shard_preprocessing(self.train_urls, self.cfg.data.manifest),
+                         "shard_preprocessing": self.shard_preprocessing,
                          "workers": self.cfg.data.workers}
         per_rank = {"position": self.position.to_json(), "rng": _jsonable(distributed.rng_state())}
         path = self.checkpointer.save(self.state.step, self.engine, trainer_state, per_rank)
