@@ -10,13 +10,14 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import socket
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from dist_train import rendezvous
 
 
 @dataclass(frozen=True)
@@ -49,25 +50,29 @@ def world_info_from_env() -> tuple[int, int, int]:
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
+    """This rank's device. The index wraps over the visible GPUs: with `--gpus-per-task=1` or `--gpu-bind`
+    each task sees one GPU (index 0) whatever its local rank, and `set_device(local_rank)` would fail."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def init_distributed(device: str = "auto", timeout_s: int = 300, always: bool = False) -> DistEnv:
     """Start the process group (NCCL on GPUs, gloo on CPU) when more than one rank runs, or `always`.
 
-    DeepSpeed needs a group even for one process (`always`); a lone process then picks a free port.
+    DeepSpeed needs a group even for one process (`always`); a lone process then picks a free port. Where
+    the ranks meet (a launcher's MASTER_ADDR/MASTER_PORT, else SLURM's node list and job id) is
+    `rendezvous.master_env`'s choice.
     """
     rank, world_size, local_rank = world_info_from_env()
     torch_device = pick_device(device, local_rank)
     backend = "nccl" if torch_device.type == "cuda" else "gloo"
     if (world_size > 1 or always) and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500" if world_size > 1 else str(_free_port()))
+        os.environ.update(rendezvous.master_env(os.environ, world_size))
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
         os.environ["LOCAL_RANK"] = str(local_rank)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
@@ -75,12 +80,6 @@ def init_distributed(device: str = "auto", timeout_s: int = 300, always: bool = 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1") or 1))
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank,
                    node_rank=rank // max(local_world, 1), device=torch_device, backend=backend)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def destroy() -> None:
