@@ -155,9 +155,17 @@ class OptimConfig:
     momentum: float = 0.9
     grad_clip: float | None = None
     """Clip the global gradient norm to this value."""
+    reference_global_batch: int | None = None
+    """Global batch (batch_size x accumulation_steps x ranks) the recipe's LRs were tuned at; None: unstated."""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """Multiply every phase's LR by (global batch / reference_global_batch) ** 1 (linear) or ** 0.5 (sqrt)."""
 
     def validate(self, check: _Check) -> None:
         check.range("lr", self.lr, 0.0, 10.0, open_low=True)
+        if self.reference_global_batch is not None:
+            check.range("reference_global_batch", self.reference_global_batch, 1, 1 << 24)
+        check.that("lr_scaling", self.lr_scaling == "none" or self.reference_global_batch is not None,
+                   f"{self.lr_scaling} needs optim.reference_global_batch (the global batch the LRs were tuned at)")
         check.range("weight_decay", self.weight_decay, 0.0, 1.0)
         check.that("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                    "must be two values in [0, 1)")

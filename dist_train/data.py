@@ -1,26 +1,37 @@
 """The WebDataset stream that feeds every rank: shard layout, equal-length epochs, exactly-once validation.
 
 Every (rank, DataLoader worker) pair is a *slot*. Shards are dealt to slots so that no two slots read
-the same sample: with at least as many shards as slots each slot owns whole shards; with fewer, the
-slots sharing a shard take every k-th sample of it. Training slots cycle over their samples until
-they have produced their fixed quota of batches, so every rank runs the same number of steps per
+the same sample and every sample belongs to exactly one slot. Training slots cycle over their samples
+until they have produced their fixed quota of batches, so every rank runs the same number of steps per
 epoch whatever the shard sizes; validation slots read their share once, so every sample is scored
-exactly once. Augmentation draws its parameters from a per-sample seed, so a run resumed mid-epoch
+exactly once.
+
+A sample is drawn quota / (its slot's samples) times per epoch, so the deal follows the shards' sample
+counts when they are known (manifest, or the one counting scan): the samples of all shards, in order,
+are cut into one contiguous range per slot, sized in proportion to the slot's quota, and a shard may
+be split between neighbouring slots. Every sample is then drawn at the same rate (to one sample per
+slot), where a deal of whole shards cannot balance shards of uneven size. Without counts: with at
+least as many shards as slots each slot owns whole shards; with fewer, the slots sharing a shard
+take every k-th sample of it. Augmentation draws its parameters from a per-sample seed, so a run resumed mid-epoch
 (raw samples skipped before decoding) sees the same pixels as a run never interrupted.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import copy
+import dataclasses
 import glob
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,12 +58,32 @@ class DataError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class SlotShare:
-    """The shards one slot reads, and which of their samples it keeps (index % stride == offset)."""
+class ShardPiece:
+    """The samples of one shard a slot keeps: index in [start, stop) and index % stride == offset.
 
-    urls: tuple[str, ...]
+    `stop` None runs to the shard's real end, so the last piece of a shard still covers it all when a
+    manifest's count is stale: every sample keeps exactly one owner whatever the counts said.
+    """
+
+    url: str
     stride: int = 1
     offset: int = 0
+    start: int = 0
+    stop: int | None = None
+
+    def keeps(self, index: int) -> bool:
+        return index >= self.start and index % self.stride == self.offset
+
+
+@dataclass(frozen=True)
+class SlotShare:
+    """The pieces of shards one slot reads."""
+
+    pieces: tuple[ShardPiece, ...]
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(piece.url for piece in self.pieces)
 
 
 def shard_urls(pattern: str) -> list[str]:
@@ -66,16 +97,63 @@ def shard_urls(pattern: str) -> list[str]:
     return list(urls)
 
 
-def assign_slots(urls: list[str], num_slots: int) -> list[SlotShare]:
-    """Deal shards to slots so that every sample belongs to exactly one slot."""
+def assign_slots(urls: list[str], num_slots: int, shard_samples: Sequence[int] | None = None,
+                 slot_weights: Sequence[int] | None = None) -> list[SlotShare]:
+    """Deal shards to slots so that every sample belongs to exactly one slot (see the module docstring).
+
+    With `shard_samples` (one count per url) slot s gets a share of the samples proportional to
+    `slot_weights[s]` (default: equal shares); without, or when a weighted slot would get no sample
+    at all, whole shards are dealt in turn.
+    """
+    if shard_samples is not None:
+        if len(shard_samples) != len(urls):
+            raise ValueError(f"assign_slots: {len(shard_samples)} sample counts for {len(urls)} shards")
+        weights = list(slot_weights) if slot_weights is not None and sum(slot_weights) > 0 else [1] * num_slots
+        if len(weights) != num_slots:
+            raise ValueError(f"assign_slots: {len(weights)} slot weights for {num_slots} slots")
+        shares = _deal_by_samples(urls, list(shard_samples), weights)
+        if shares is not None:
+            return shares
+    return _deal_by_shards(urls, num_slots)
+
+
+def _deal_by_shards(urls: list[str], num_slots: int) -> list[SlotShare]:
+    """Whole shards in turn; with fewer shards than slots, the slots sharing a shard take every k-th sample."""
     if len(urls) >= num_slots:
-        return [SlotShare(tuple(urls[slot::num_slots])) for slot in range(num_slots)]
+        return [SlotShare(tuple(ShardPiece(url) for url in urls[slot::num_slots])) for slot in range(num_slots)]
     shares = []
     for slot in range(num_slots):
         shard = slot % len(urls)
         sharing = len(range(shard, num_slots, len(urls)))
-        shares.append(SlotShare((urls[shard],), stride=sharing, offset=slot // len(urls)))
+        shares.append(SlotShare((ShardPiece(urls[shard], stride=sharing, offset=slot // len(urls)),)))
     return shares
+
+
+def _deal_by_samples(urls: list[str], counts: list[int], weights: list[int]) -> list[SlotShare] | None:
+    """One contiguous range of the concatenated samples per slot, sized by weight; None if one would be empty."""
+    total, weight_total = sum(counts), sum(weights)
+    bounds = [total * cumulative // weight_total for cumulative in itertools.accumulate(weights, initial=0)]
+    if any(weight > 0 and low == high for weight, low, high in zip(weights, bounds, bounds[1:])):
+        return None
+    firsts = list(itertools.accumulate(counts, initial=0))
+    pieces: list[list[ShardPiece]] = [[] for _ in weights]
+    for url, first, end in zip(urls, firsts, firsts[1:]):
+        if first == end:  # listed as empty: still owned by one slot, in case the count is stale
+            pieces[_slot_at(bounds, first)].append(ShardPiece(url))
+            continue
+        slot = _slot_at(bounds, first)
+        while slot < len(weights) and bounds[slot] < end:
+            low, high = bounds[slot], bounds[slot + 1]
+            if low < high:
+                stop = None if high >= end else high - first
+                pieces[slot].append(ShardPiece(url, start=max(low - first, 0), stop=stop))
+            slot += 1
+    return [SlotShare(tuple(share)) for share in pieces]
+
+
+def _slot_at(bounds: list[int], position: int) -> int:
+    """The slot whose range holds `position` (the last one for the very end)."""
+    return min(bisect.bisect_right(bounds, position), len(bounds) - 1) - 1
 
 
 def epoch_seed(*parts: Any) -> int:
@@ -132,10 +210,14 @@ def iterate_shard(url: str) -> Iterator[dict[str, Any]]:
 
 
 def iterate_share(share: SlotShare) -> Iterator[dict[str, Any]]:
-    for url in share.urls:
-        for index, sample in enumerate(iterate_shard(url)):
-            if index % share.stride == share.offset:
-                yield sample
+    """The slot's samples, piece by piece; a piece that ends inside its shard stops reading there."""
+    for piece in share.pieces:
+        with contextlib.closing(iterate_shard(piece.url)) as samples:
+            for index, sample in enumerate(samples):
+                if piece.stop is not None and index >= piece.stop:
+                    break
+                if piece.keeps(index):
+                    yield sample
 
 
 def sample_label(sample: dict[str, Any]) -> int:
@@ -170,9 +252,9 @@ def cycled(share: SlotShare, seed: int, buffer_size: int) -> Iterator[dict[str, 
     """The slot's samples forever, each pass reshuffled (shard order and buffer) from (seed, pass)."""
     for cycle in range(1 << 62):
         rng = random.Random(epoch_seed(seed, cycle))
-        urls = list(share.urls)
-        rng.shuffle(urls)
-        passed = iterate_share(SlotShare(tuple(urls), share.stride, share.offset))
+        pieces = list(share.pieces)
+        rng.shuffle(pieces)
+        passed = iterate_share(SlotShare(tuple(pieces)))
         yielded = False
         for sample in shuffled(passed, buffer_size, rng):
             yielded = True
@@ -298,27 +380,37 @@ def _worker() -> tuple[int, int]:
 
 
 class TrainStream(IterableDataset):
-    """One epoch of training batches for one rank: exactly `micro_batches` of them, split over workers."""
+    """One epoch of training batches for one rank: exactly `micro_batches` of them, split over workers.
+
+    `shard_samples` (samples per url, e.g. SplitCounts.per_shard) deals samples to slots in proportion
+    to their quotas, so every sample is drawn at the same rate; None deals whole shards.
+    """
 
     def __init__(self, urls: list[str], cfg: DataConfig, decoder: Decoder, batch_size: int, rank: int,
                  world_size: int, seed: int, epoch: int, micro_batches: int, workers: int,
-                 resume: StreamPosition | None = None):
+                 resume: StreamPosition | None = None, shard_samples: Sequence[int] | None = None):
         super().__init__()
         self.urls, self.cfg, self.decoder, self.batch_size = urls, cfg, decoder, batch_size
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
         self.micro_batches, self.workers = micro_batches, max(workers, 1)
         self.resume = copy.deepcopy(resume) if resume is not None else StreamPosition()
+        self.shard_samples = shard_samples
 
     def worker_quota(self, worker: int) -> int:
         """Batches this worker yields: DataLoader takes batches from workers in turn."""
         return len(range(worker, self.micro_batches, self.workers))
+
+    def slot_shares(self) -> list[SlotShare]:
+        """Every slot's share (slot = rank * workers + worker), the same on every rank."""
+        quotas = [self.worker_quota(worker) for worker in range(self.workers)] * self.world_size
+        return assign_slots(self.urls, self.world_size * self.workers, self.shard_samples, quotas)
 
     def __iter__(self) -> Iterator[Batch]:
         physical, _ = _worker()
         # DataLoader asks worker 0 first; after a resume the next batch is due from another worker
         worker = (physical + self.resume.micro_batches) % self.workers
         slot = self.rank * self.workers + worker
-        share = assign_slots(self.urls, self.world_size * self.workers)[slot]
+        share = self.slot_shares()[slot]
         slot_seed = epoch_seed(self.seed, self.epoch, slot)
         if self.cfg.positive_fraction is not None:
             samples = balanced(share, slot_seed, self.cfg.shuffle_buffer, self.cfg.positive_fraction)
@@ -338,17 +430,22 @@ class TrainStream(IterableDataset):
 
 
 class EvalStream(IterableDataset):
-    """This rank's share of the validation set, each sample once, with its key."""
+    """This rank's share of the validation set, each sample once, with its key.
+
+    With `shard_samples` every slot scores an equal number of samples, so no rank waits for another.
+    """
 
     def __init__(self, urls: list[str], decoder: Decoder, batch_size: int, rank: int, world_size: int,
-                 workers: int):
+                 workers: int, shard_samples: Sequence[int] | None = None):
         super().__init__()
         self.urls, self.decoder, self.batch_size = urls, decoder, batch_size
         self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
+        self.shard_samples = shard_samples
 
     def __iter__(self) -> Iterator[Batch]:
         worker, _ = _worker()
-        share = assign_slots(self.urls, self.world_size * self.workers)[self.rank * self.workers + worker]
+        shares = assign_slots(self.urls, self.world_size * self.workers, self.shard_samples)
+        share = shares[self.rank * self.workers + worker]
         yield from decode_batches(iterate_share(share), self.decoder, self.batch_size, 0, worker, keep_last=True)
 
 
@@ -377,6 +474,8 @@ def _identity(item: Batch) -> Batch:
 class SplitCounts:
     samples: int
     positives: int
+    per_shard: tuple[int, ...] | None = None
+    """Samples of each url, in order: what the streams deal by (None from a count cached before it was kept)."""
 
 
 def find_manifest(setting: str, urls: list[str]) -> Path | None:
@@ -425,7 +524,8 @@ def split_counts(urls: list[str], manifest_setting: str, cache_dir: Path | None 
         entries = {entry["name"]: entry for entry in json.loads(manifest.read_text())["shards"]}
         names = [Path(url).name for url in urls]
         if all(name in entries for name in names):
-            return SplitCounts(sum(entries[n]["samples"] for n in names), sum(entries[n]["positives"] for n in names))
+            per_shard = tuple(entries[name]["samples"] for name in names)
+            return SplitCounts(sum(per_shard), sum(entries[name]["positives"] for name in names), per_shard)
     return _scan_counts(urls, cache_dir)
 
 
@@ -434,19 +534,24 @@ def _scan_counts(urls: list[str], cache_dir: Path | None) -> SplitCounts:
     if cache_dir is not None:
         cache = cache_dir / f"counts-{hashlib.sha256(repr(urls).encode()).hexdigest()[:16]}.json"
         if cache.is_file():
-            return SplitCounts(**json.loads(cache.read_text()))
-    samples = positives = 0
+            return _counts_from_json(json.loads(cache.read_text()))
+    per_shard, positives = [], 0
     for url in urls:
-        for sample in iterate_shard(url):
-            samples += 1
-            positives += sample_label(sample)
-    counts = SplitCounts(samples, positives)
+        labels = [sample_label(sample) for sample in iterate_shard(url)]
+        per_shard.append(len(labels))
+        positives += sum(labels)
+    counts = SplitCounts(sum(per_shard), positives, tuple(per_shard))
     if cache is not None:  # every rank may count at once: write aside, then rename
         cache.parent.mkdir(parents=True, exist_ok=True)
         staging = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        staging.write_text(json.dumps(counts.__dict__))
+        staging.write_text(json.dumps(dataclasses.asdict(counts)))
         os.replace(staging, cache)
     return counts
+
+
+def _counts_from_json(raw: dict[str, Any]) -> SplitCounts:
+    per_shard = raw.get("per_shard")
+    return SplitCounts(raw["samples"], raw["positives"], tuple(per_shard) if per_shard is not None else None)
 
 
 def steps_per_epoch(train_samples: int, world_size: int, batch_size: int, accumulation: int) -> int:

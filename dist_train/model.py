@@ -60,8 +60,23 @@ def build_model(cfg: ModelConfig) -> GlaucomaNet:
     return model
 
 
+class Float32Linear(nn.Linear):
+    """A Linear that computes in float32 even under autocast (and with bf16/fp16 weights).
+
+    Used for the logit: in bf16 a score keeps 8 significant bits, so 20,000 validation scores
+    collapse to a few hundred distinct values and the operating point (beta, the exported
+    threshold) moves. A subclass rather than a wrapper keeps the state-dict keys of a plain
+    nn.Linear, so existing checkpoints and exports load unchanged.
+    """
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return nn.functional.linear(features.float(), self.weight.float(), bias)
+
+
 def build_head(in_features: int, cfg: ModelConfig) -> nn.Sequential:
-    """Dense -> [BatchNorm1d] -> ReLU -> Dropout per width, [Dropout], then Linear -> 1 logit."""
+    """Dense -> [BatchNorm1d] -> ReLU -> Dropout per width, [Dropout], then a float32 Linear -> 1 logit."""
     layers: list[nn.Module] = []
     width_in = in_features
     for index, width in enumerate(cfg.head_widths):
@@ -72,7 +87,7 @@ def build_head(in_features: int, cfg: ModelConfig) -> nn.Sequential:
         width_in = width
     if len(cfg.head_dropout) > len(cfg.head_widths):
         layers.append(nn.Dropout(cfg.head_dropout[-1]))
-    layers.append(nn.Linear(width_in, 1))
+    layers.append(Float32Linear(width_in, 1))
     head = nn.Sequential(*layers)
     _init_head(head)
     return head

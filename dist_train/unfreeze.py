@@ -222,11 +222,13 @@ def _owns_only_frozen(module_name: str, module: nn.Module, trainable: frozenset[
 # ---------------------------------------------------------------- optimizer
 
 
-def optimizer_param_groups(model: nn.Module, schedule: UnfreezeSchedule,
-                           optim_cfg: OptimConfig) -> list[dict[str, Any]]:
+def optimizer_param_groups(model: nn.Module, schedule: UnfreezeSchedule, optim_cfg: OptimConfig,
+                           batch_scale: float = 1.0) -> list[dict[str, Any]]:
     """Every parameter, grouped by (first phase that trains it, decayed or not).
 
-    Keys: params, lr, base_lr (the peak the LR schedule scales), weight_decay, phase, decay.
+    Keys: params, lr (base_lr x batch_scale), base_lr (the recipe's peak, before global-batch scaling),
+    weight_decay, phase, decay. base_lr stays unscaled because a checkpoint restores it: a run resumed
+    on another world size must scale the recipe's LR by its own global batch, not the saved one's.
     The NEVER group has lr 0 so that even a stray gradient cannot move it.
     """
     model = unwrap(model)
@@ -238,7 +240,7 @@ def optimizer_param_groups(model: nn.Module, schedule: UnfreezeSchedule,
     groups = []
     for phase_index, decay in sorted(buckets, key=lambda key: (key[0] == NEVER, key[0], not key[1])):
         lr = _phase_lr(schedule.phases, phase_index, optim_cfg)
-        groups.append({"params": buckets[(phase_index, decay)], "lr": lr, "base_lr": lr,
+        groups.append({"params": buckets[(phase_index, decay)], "lr": lr * batch_scale, "base_lr": lr,
                        "weight_decay": optim_cfg.weight_decay if decay else 0.0,
                        "phase": phase_index, "decay": decay})
     return groups
@@ -251,13 +253,14 @@ def _phase_lr(phases: list[PhaseConfig], phase_index: int, optim_cfg: OptimConfi
     return optim_cfg.lr if phase_lr is None else phase_lr
 
 
-def build_optimizer(model: nn.Module, schedule: UnfreezeSchedule,
-                    optim_cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, schedule: UnfreezeSchedule, optim_cfg: OptimConfig,
+                    batch_scale: float = 1.0) -> torch.optim.Optimizer:
     """The run's one optimizer (adamw, adam or sgd) over `optimizer_param_groups`.
 
-    `adam` uses torch's coupled L2 `weight_decay`; `adamw` the decoupled one.
+    `adam` uses torch's coupled L2 `weight_decay`; `adamw` the decoupled one. `batch_scale` is
+    the global-batch factor `lr_scale()` returns; the LRSchedule must be given the same one.
     """
-    groups = optimizer_param_groups(model, schedule, optim_cfg)
+    groups = optimizer_param_groups(model, schedule, optim_cfg, batch_scale)
     if optim_cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas))
     if optim_cfg.name == "adam":
@@ -267,16 +270,55 @@ def build_optimizer(model: nn.Module, schedule: UnfreezeSchedule,
     raise ValueError(f"optim.name: unknown optimizer {optim_cfg.name!r} (adamw, adam, sgd)")
 
 
+# ---------------------------------------------------------------- learning rate and global batch
+
+
+def global_batch_size(batch_size: int, accumulation_steps: int, world_size: int) -> int:
+    """Samples per optimizer step over all ranks: what an LR is tuned against."""
+    return batch_size * accumulation_steps * world_size
+
+
+def lr_scale(optim_cfg: OptimConfig, global_batch: int) -> float:
+    """The factor every phase's LR is multiplied by at `global_batch` (1.0 when scaling is off).
+
+    `linear` keeps the update per sample constant (Goyal et al., 2017); `sqrt` keeps the update's
+    noise constant (Krizhevsky, 2014; Hoffer et al., 2017), the gentler choice for Adam.
+    """
+    reference = optim_cfg.reference_global_batch
+    if optim_cfg.lr_scaling == "none" or reference is None:
+        return 1.0
+    ratio = global_batch / reference
+    return ratio if optim_cfg.lr_scaling == "linear" else math.sqrt(ratio)
+
+
+def lr_scaling_warning(optim_cfg: OptimConfig, global_batch: int) -> str | None:
+    """One line for the log and the summary when the recipe runs at another global batch, unscaled."""
+    reference = optim_cfg.reference_global_batch
+    if optim_cfg.lr_scaling != "none" or reference is None or global_batch == reference:
+        return None
+    ratio = global_batch / reference
+    return (f"global batch {global_batch} differs from optim.reference_global_batch {reference} and "
+            f"optim.lr_scaling is none: the recipe's LRs are used unscaled; set optim.lr_scaling=linear "
+            f"(LRs x{ratio:.4g}) or sqrt (x{math.sqrt(ratio):.4g}) to scale them")
+
+
+def phase_peak_lrs(phases: list[PhaseConfig], optim_cfg: OptimConfig, batch_scale: float) -> list[float]:
+    """The effective peak LR of each phase's new parameters (what the run should log)."""
+    return [_phase_lr(phases, index, optim_cfg) * batch_scale for index in range(len(phases))]
+
+
 # ---------------------------------------------------------------- learning-rate schedule
 
 
 class LRSchedule:
     """Per-optimizer-step LR of every group: phase warmup times plateau / cosine / constant decay.
 
-    A group's LR is 0 until its phase starts. Then `base_lr * warmup * decay`, where warmup ramps
-    linearly, (k + 1) / W at the k-th step of the phase, for the groups of the phase being warmed
-    up, and the decay is 1 (constant), the plateau scale (floored at min_lr), or a cosine from
-    `base_lr` to min_lr between the end of warmup and the last step of the run. A phase with
+    A group's LR is 0 until its phase starts. Then `peak * warmup * decay`, where the peak is
+    `base_lr * batch_scale` (batch_scale: the global-batch factor `lr_scale()` returns, not saved in
+    the state, so a run resumed on another world size applies its own), warmup ramps linearly,
+    (k + 1) / W at the k-th step of the phase, for the groups of the phase being warmed up, and
+    the decay is 1 (constant), the plateau scale (floored at min_lr), or a cosine from the peak
+    to min_lr between the end of warmup and the last step of the run. A phase with
     `reset_schedule` restarts the plateau scale and the cosine at its start.
 
     Call `step(global_step, epoch)` before each `optimizer.step()` (global_step = index of that
@@ -286,11 +328,12 @@ class LRSchedule:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedule_cfg: ScheduleConfig,
-                 phases: list[PhaseConfig], steps_per_epoch: int, epochs: int):
+                 phases: list[PhaseConfig], steps_per_epoch: int, epochs: int, batch_scale: float = 1.0):
         if any("phase" not in group or "base_lr" not in group for group in optimizer.param_groups):
             raise ValueError("LRSchedule: optimizer groups need 'phase' and 'base_lr' keys; "
                              "build them with optimizer_param_groups")
         self.optimizer, self.cfg, self.phases = optimizer, schedule_cfg, list(phases)
+        self.batch_scale = batch_scale
         self.steps_per_epoch, self.total_steps = steps_per_epoch, steps_per_epoch * epochs
         first_warmup = phases[0].warmup_epochs
         self.phase_index = 0
@@ -311,10 +354,10 @@ class LRSchedule:
 
     def lr_of(self, group: dict[str, Any], global_step: int) -> float:
         """The LR of one optimizer group at `global_step` (it needs the group's phase and base_lr)."""
-        phase_index, base_lr = group["phase"], group["base_lr"]
+        phase_index, peak = group["phase"], group["base_lr"] * self.batch_scale
         if phase_index == NEVER or phase_index > self.phase_index:
             return 0.0
-        lr = self._decayed(base_lr, global_step)
+        lr = self._decayed(peak, global_step)
         steps_in_phase = global_step - self.phase_start_step
         if phase_index == self.phase_index and steps_in_phase < self.warmup_steps:
             lr *= (max(steps_in_phase, 0) + 1) / self.warmup_steps

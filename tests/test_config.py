@@ -52,6 +52,11 @@ BAD_CASES = {
     "accumulation below 1": ("train: {accumulation_steps: 0}\n", "train.accumulation_steps", "outside"),
     "bad phase spec": ("unfreeze: {phases: [{from_epoch: 0, train: last_layers}]}\n",
                        "unfreeze.phases[0].train", "last_N_layers"),
+    "unknown lr scaling": ("optim: {lr_scaling: cubic, reference_global_batch: 32}\n", "optim.lr_scaling",
+                           "expected one of 'none', 'linear', 'sqrt'"),
+    "lr scaling without reference": ("optim: {lr_scaling: linear}\n", "optim.lr_scaling",
+                                     "needs optim.reference_global_batch"),
+    "reference batch below 1": ("optim: {reference_global_batch: 0}\n", "optim.reference_global_batch", "outside"),
 }
 
 
@@ -66,7 +71,7 @@ def test_bad_config_raises_naming_file_and_key(tmp_path, case):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("case", ["unknown key", "negative lr", "unfreeze beyond last epoch"])
+@pytest.mark.parametrize("case", ["unknown key", "negative lr", "unfreeze beyond last epoch", "unknown lr scaling"])
 def test_cli_exits_2_and_writes_nothing(tmp_path, case):
     text, key, _ = BAD_CASES[case]
     path = _write(tmp_path, text + f"run_root: {tmp_path / 'runs'}\n")
@@ -90,3 +95,10 @@ def test_out_of_range_override_is_blamed_on_set():
     with pytest.raises(ConfigError) as raised:
         load_config(REPO / "configs" / "demo.yaml", ["optim.lr=-1"])
     assert str(raised.value) == "--set: optim.lr: -1.0 is outside (0.0, 10.0]"
+
+
+@pytest.mark.parametrize("name", ["airogs_v1_baseline", "airogs_v2", "airogs_v3", "demo", "demo_v1", "demo_v2"])
+def test_every_recipe_states_the_global_batch_it_was_tuned_at(name):
+    """The users' Keras recipes ran at a global batch of 32; the demos at 16 per rank on 2 ranks."""
+    config = load_config(REPO / "configs" / f"{name}.yaml")
+    assert config.optim.reference_global_batch == 32 and config.optim.lr_scaling == "none"

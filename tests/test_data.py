@@ -8,6 +8,8 @@ versions with real gloo groups are in tests/distributed/.
 from __future__ import annotations
 
 import itertools
+import json
+import random
 import tarfile
 from collections import Counter
 
@@ -23,6 +25,7 @@ from dist_train.data import (
     TrainStream,
     assign_slots,
     iterate_shard,
+    iterate_share,
     make_loader,
     shard_urls,
     split_counts,
@@ -41,15 +44,68 @@ def all_keys(paths):
     return [sample["__key__"] for path in paths for sample in iterate_shard(str(path))]
 
 
+COUNTS_GIVEN = {"unknown": lambda sizes: None, "exact": list, "stale": lambda sizes: [max(n - 3, 0) for n in sizes],
+                "overstated": lambda sizes: [n + 4 for n in sizes], "one listed empty": lambda sizes: [0] + sizes[1:]}
+"""Sample counts handed to the deal: none, the real ones, or a manifest out of date with the shards."""
+
+
+@pytest.mark.parametrize("counts", sorted(COUNTS_GIVEN))
 @pytest.mark.parametrize("shards,slots", [(5, 4), (3, 4), (1, 3), (2, 6), (7, 2), (4, 4)])
-def test_every_sample_belongs_to_exactly_one_slot(tmp_path, shards, slots):
-    paths = write_shards(tmp_path, "val", [5 + i for i in range(shards)])
+def test_every_sample_belongs_to_exactly_one_slot(tmp_path, shards, slots, counts):
+    sizes = [5 + i for i in range(shards)]
+    paths = write_shards(tmp_path, "val", sizes)
     urls = [str(p) for p in paths]
-    owned = []
-    for share in assign_slots(urls, slots):
-        for url in share.urls:
-            owned += [s["__key__"] for i, s in enumerate(iterate_shard(url)) if i % share.stride == share.offset]
-    assert sorted(owned) == sorted(all_keys(paths))
+    owned = [s["__key__"] for share in assign_slots(urls, slots, COUNTS_GIVEN[counts](sizes))
+             for s in iterate_share(share)]
+    assert Counter(owned) == Counter(all_keys(paths))
+
+
+def piece_sizes(share, sizes_by_url):
+    """Samples a share holds, counted from its pieces' index rules over each shard's true size."""
+    return sum(sum(1 for index in range(piece.start, sizes_by_url[piece.url] if piece.stop is None else piece.stop)
+                   if index % piece.stride == piece.offset) for piece in share.pieces)
+
+
+def expected_draws(stream, sizes_by_url):
+    """Expected draws per sample per epoch, slot by slot: a slot cycles over its samples for its quota."""
+    held = [piece_sizes(share, sizes_by_url) for share in stream.slot_shares()]
+    quotas = [stream.worker_quota(worker) for worker in range(stream.workers)] * stream.world_size
+    return [quota * stream.batch_size / samples for quota, samples in zip(quotas, held)]
+
+
+def counted_stream(urls, sizes, world, workers, micro_batches, batch=4):
+    data = DataConfig(train_shards="x", val_shards="y", workers=workers)
+    return TrainStream(urls, data, decoder(), batch, 0, world, 0, 0, micro_batches, workers, shard_samples=sizes)
+
+
+@pytest.mark.parametrize("world,workers,micro_batches", [(8, 4, 170), (32, 1, 44), (4, 8, 351)])
+def test_uneven_shards_are_drawn_at_one_rate_when_counts_are_known(world, workers, micro_batches):
+    """100 shards of 50..400 samples over 32 slots: dealt by count, rates differ by 30% and more (issue 14.13)."""
+    rng = random.Random(13)
+    sizes = [rng.randint(50, 400) for _ in range(100)]
+    urls = [f"/shards/train-{index:06d}.tar" for index in range(100)]
+    draws = expected_draws(counted_stream(urls, sizes, world, workers, micro_batches), dict(zip(urls, sizes)))
+    assert max(draws) / min(draws) <= 1.05
+
+
+def test_two_ranks_two_workers_draw_every_sample_at_one_rate(tmp_path):
+    """The 2-rank x 2-worker layout of tests/distributed with uneven shards, expected and as streamed.
+
+    Realised: within a slot every pass draws each sample once, so at one rate every sample's draw count
+    is within one of every other's; whole shards dealt in turn give some samples 1 draw and others 4.
+    """
+    sizes = [90, 90, 90, 40, 20]
+    urls = [str(p) for p in write_shards(tmp_path, "train", sizes)]
+    by_url = dict(zip(urls, sizes))
+    draws = expected_draws(counted_stream(urls, sizes, 2, 2, 7), by_url)
+    assert max(draws) / min(draws) <= 1.05, "expected"
+    drawn = Counter()
+    for rank in range(2):
+        data = DataConfig(train_shards="x", val_shards="y", workers=2, shuffle_buffer=8)
+        stream = TrainStream(urls, data, decoder(), 4, rank, 2, 0, 0, 70, 2, shard_samples=sizes)
+        drawn.update(key for batch in make_loader(stream, data, False) for key in batch.keys)
+    assert sum(drawn.values()) == 2 * 70 * 4 and set(drawn) == set(all_keys(urls))
+    assert max(drawn.values()) - min(drawn.values()) <= 1, "as streamed"
 
 
 def stream_keys(urls, rank, world, workers, epoch, micro_batches, seed=0, resume=None, batch=4, **cfg):
@@ -100,14 +156,16 @@ def test_resume_mid_epoch_neither_repeats_nor_skips(tmp_path, workers, cut):
         assert torch.equal(expected.images, got.images)
 
 
+@pytest.mark.parametrize("with_counts", [False, True])
 @pytest.mark.parametrize("shards,world,workers", [(2, 3, 2), (5, 2, 2), (1, 2, 1), (4, 1, 0)])
-def test_validation_scores_every_sample_exactly_once(tmp_path, shards, world, workers):
-    paths = write_shards(tmp_path, "val", [7 + 3 * i for i in range(shards)])
+def test_validation_scores_every_sample_exactly_once(tmp_path, shards, world, workers, with_counts):
+    sizes = [7 + 3 * i for i in range(shards)]
+    paths = write_shards(tmp_path, "val", sizes)
     urls = [str(p) for p in paths]
     data = DataConfig(train_shards="x", val_shards="y", workers=workers)
     keys = []
     for rank in range(world):
-        stream = EvalStream(urls, decoder(), 4, rank, world, workers)
+        stream = EvalStream(urls, decoder(), 4, rank, world, workers, shard_samples=sizes if with_counts else None)
         keys += [key for batch in make_loader(stream, data, False) for key in batch.keys]
     assert Counter(keys) == Counter(all_keys(paths))
 
@@ -149,8 +207,17 @@ def test_counts_without_manifest_scan_once_and_cache(tmp_path):
     urls = [str(p) for p in paths]
     counts = split_counts(urls, "auto", tmp_path / "cache")
     expected_positives = sum(int(s["cls"]) for p in paths for s in tarfile_samples(p))
-    assert (counts.samples, counts.positives) == (10, expected_positives)
+    assert (counts.samples, counts.positives, counts.per_shard) == (10, expected_positives, (6, 4))
     assert list((tmp_path / "cache").glob("counts-*.json"))
+    assert split_counts(urls, "auto", tmp_path / "cache") == counts  # from the cache
+
+
+def test_counts_from_the_manifest_give_each_shard_its_own(tmp_path):
+    paths = write_shards(tmp_path, "train", [6, 4, 9])
+    entries = [{"name": p.name, "samples": n, "positives": 1} for p, n in zip(paths, [6, 4, 9])]
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": entries}))
+    counts = split_counts([str(p) for p in paths], "auto")
+    assert (counts.samples, counts.positives, counts.per_shard) == (19, 3, (6, 4, 9))
 
 
 def tarfile_samples(path):

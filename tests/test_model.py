@@ -55,10 +55,10 @@ def test_head_layout_follows_config():
     head = build_head(32, ModelConfig(head_widths=[16, 8], head_dropout=[0.3, 0.2, 0.5]))
     kinds = [type(module).__name__ for module in head]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear", "BatchNorm1d", "ReLU", "Dropout",
-                     "Dropout", "Linear"]
+                     "Dropout", "Float32Linear"]
     assert [m.p for m in head if isinstance(m, nn.Dropout)] == [0.3, 0.2, 0.5]
     plain = build_head(32, ModelConfig(head_widths=[16], head_dropout=[0.0], head_batchnorm=False))
-    assert [type(module).__name__ for module in plain] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert [type(module).__name__ for module in plain] == ["Linear", "ReLU", "Dropout", "Float32Linear"]
 
 
 def test_head_init_statistics():
@@ -195,3 +195,43 @@ def test_full_model_file_loads_head_too(tmp_path):
     model = build_model(tiny_cfg(pretrained=str(path)))
     for key, value in source.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+# ---------------------------------------------------------------- logits under mixed precision
+
+
+def test_logit_layer_computes_in_float32_under_bf16_autocast():
+    """bf16 logits have 8 significant bits: 20,000 scores collapse to a few hundred values, moving beta and the
+    threshold. Oracles, on the very inputs the last layer received under autocast: a plain torch nn.Linear with
+    the same weights run outside autocast in float32 (the distinct-score count must equal its count), and the
+    layer evaluated by hand in float64 (the logits must agree with it to float32 precision)."""
+    torch.manual_seed(0)
+    head = build_head(64, ModelConfig(head_widths=[32], head_dropout=[0.0])).eval()
+    received = []
+    head[-1].register_forward_hook(lambda module, args, output: received.append(args[0].detach()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(torch.randn(20_000, 64)).squeeze(-1)
+    last = head[-1]
+    plain = nn.Linear(last.in_features, 1)
+    plain.load_state_dict(last.state_dict())
+    with torch.no_grad():
+        float32_reference = plain(received[0].float()).squeeze(-1)
+    float64_reference = (received[0].double() @ last.weight.double().T + last.bias.double()).squeeze(-1)
+    assert logits.dtype == torch.float32
+    assert logits.unique().numel() == float32_reference.unique().numel() > 19_900
+    torch.testing.assert_close(logits.double(), float64_reference, rtol=1e-5, atol=1e-5)
+
+
+def test_whole_model_gives_float32_logits_under_bf16_autocast():
+    model = build_model(tiny_cfg()).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(2, 3, 32, 32)).dtype == torch.float32
+
+
+def test_head_state_dict_keys_match_a_plain_torch_head():
+    """Checkpoints and exports written with plain nn.Linear heads must still load strictly."""
+    plain = nn.Sequential(nn.Linear(32, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 1))
+    head = build_head(32, ModelConfig(head_widths=[16], head_dropout=[0.1]))
+    assert list(head.state_dict()) == list(plain.state_dict())
+    head.load_state_dict(plain.state_dict(), strict=True)
+    torch.testing.assert_close(head.eval()(torch.ones(2, 32)), plain.eval()(torch.ones(2, 32)))

@@ -17,7 +17,11 @@ from dist_train.unfreeze import (
     UnfreezeSchedule,
     blocks,
     build_optimizer,
+    global_batch_size,
+    lr_scale,
+    lr_scaling_warning,
     optimizer_param_groups,
+    phase_peak_lrs,
     trainable_names,
 )
 
@@ -292,3 +296,69 @@ def test_state_dict_roundtrip_through_weights_only_save():
     restored.on_phase_start(1, 12)
     for step in (13, 20, 29):
         assert lrs_at(restored_optimizer, restored, step) == lrs_at(optimizer, schedule, step)
+
+
+# ---------------------------------------------------------------- LR scaling with the global batch
+
+
+def scaled_optim(lr_scaling: str, reference: int | None = 32) -> OptimConfig:
+    return OptimConfig(lr=3e-4, lr_scaling=lr_scaling, reference_global_batch=reference)
+
+
+@pytest.mark.parametrize("lr_scaling,global_batch,expected", [
+    ("linear", 128, 4.0), ("sqrt", 128, 2.0), ("none", 128, 1.0),
+    ("linear", 8, 0.25), ("sqrt", 8, 0.5), ("linear", 32, 1.0), ("sqrt", 32, 1.0)])
+def test_lr_scale_hand_computed(lr_scaling, global_batch, expected):
+    assert lr_scale(scaled_optim(lr_scaling), global_batch) == pytest.approx(expected)
+
+
+def test_global_batch_counts_accumulation_and_ranks():
+    assert global_batch_size(batch_size=32, accumulation_steps=2, world_size=2) == 128
+
+
+def test_warning_only_when_the_batch_differs_and_scaling_is_off():
+    warning = lr_scaling_warning(scaled_optim("none"), 4096)
+    assert warning is not None and "\n" not in warning
+    assert "4096" in warning and "32" in warning and "optim.lr_scaling" in warning and "x128" in warning
+    assert lr_scaling_warning(scaled_optim("none"), 32) is None
+    assert lr_scaling_warning(scaled_optim("linear"), 4096) is None
+    assert lr_scaling_warning(scaled_optim("none", reference=None), 4096) is None
+
+
+PHASES = [PhaseConfig(0, "head", lr=1e-4), PhaseConfig(1, "last_2_layers", lr=1e-5), PhaseConfig(2, "all")]
+"""Two phases with their own LR and one falling back to optim.lr (3e-4)."""
+
+HAND_LRS = {"linear": [4e-4, 4e-5, 1.2e-3], "sqrt": [2e-4, 2e-5, 6e-4], "none": [1e-4, 1e-5, 3e-4]}
+"""Each phase's LR at a global batch of 128 over a reference of 32: x4 linear, x2 sqrt, x1 none."""
+
+
+@pytest.mark.parametrize("lr_scaling", sorted(HAND_LRS))
+def test_every_phase_lr_scales_in_the_optimizer_and_the_schedule(lr_scaling):
+    model = tiny_model()
+    schedule = UnfreezeSchedule(UnfreezeConfig(PHASES), model)
+    optim_cfg = scaled_optim(lr_scaling)
+    scale = lr_scale(optim_cfg, global_batch_size(32, 2, 2))
+    optimizer = build_optimizer(model, schedule, optim_cfg, scale)
+    expected = HAND_LRS[lr_scaling]
+    assert phase_peak_lrs(PHASES, optim_cfg, scale) == pytest.approx(expected)
+    assert sorted({group["phase"] for group in optimizer.param_groups}) == [0, 1, 2]
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(expected[group["phase"]])
+    lr_schedule = LRSchedule(optimizer, ScheduleConfig(kind="constant"), PHASES, 5, 3, batch_scale=scale)
+    for epoch in range(3):
+        lr_schedule.step(epoch * 5, epoch)
+        for group in optimizer.param_groups:
+            assert group["lr"] == pytest.approx(expected[group["phase"]] if group["phase"] <= epoch else 0.0)
+
+
+def test_resume_on_another_world_size_scales_by_the_new_global_batch():
+    """A checkpoint restores the optimizer's groups; the LR must follow the resumed run's global batch."""
+    model = tiny_model()
+    schedule = UnfreezeSchedule(UnfreezeConfig(PHASES[:1]), model)
+    optim_cfg = scaled_optim("linear")
+    saved = build_optimizer(model, schedule, optim_cfg, lr_scale(optim_cfg, 32)).state_dict()
+    resumed = build_optimizer(model, schedule, optim_cfg, lr_scale(optim_cfg, 128))
+    resumed.load_state_dict(saved)
+    LRSchedule(resumed, ScheduleConfig(), PHASES[:1], 5, 1, batch_scale=lr_scale(optim_cfg, 128)).step(0, 0)
+    head_lrs = [group["lr"] for group in resumed.param_groups if group["phase"] == 0]
+    assert head_lrs == pytest.approx([4e-4, 4e-4])
