@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import math
 import os
 import sys
@@ -69,9 +70,12 @@ def ensure_shards(workdir: Path, n: int, size: int) -> Path:
     return shards
 
 
-def build_trainer(args, shards: Path, device: str):
-    from dist_train import distributed, loop
+def build_trainer(args, shards: Path, device: str, loader_factory=None):
+    """The product's Trainer on the bench shards; `loader_factory` replaces its DataLoader (data from memory)."""
+    from dist_train import distributed
     from dist_train.config import config_from_dict
+    from dist_train.data import make_loader
+    from dist_train.train.loop import Trainer
 
     cfg = config_from_dict({
         "name": f"gpu-throughput-{args.image_size}", "run_root": str(Path(args.workdir) / "runs"),
@@ -85,8 +89,8 @@ def build_trainer(args, shards: Path, device: str):
                   "precision": "bf16" if device == "cuda" else "fp32", "log_every_steps": 10},
         "tracking": {"wandb": {"enabled": False}, "progress": "none", "html_report": False}})
     env = distributed.init_distributed(device)
-    trainer = loop.Trainer(cfg, env)
-    trainer._enter_phase(0)  # what Trainer.train does before its first epoch
+    trainer = Trainer(cfg, env, loader_factory=loader_factory or make_loader)
+    trainer.enter_phase(0)
     return trainer
 
 
@@ -113,32 +117,29 @@ def model_only(trainer, args, device) -> float:
     labels = (torch.rand(args.batch_size, device=device, generator=generator) < 0.2).float()
     engine = trainer.engine
     for _ in range(3):
-        engine.train_micro_step(images, labels, trainer.loss_fn)
-        engine.step()
+        engine.forward_backward(images, labels, trainer.loss_fn, sync=True)
+        engine.optimizer_step()
     synchronize(device)
     started = time.perf_counter()
     for _ in range(args.steps):
-        engine.train_micro_step(images, labels, trainer.loss_fn)
-        engine.step()
+        engine.forward_backward(images, labels, trainer.loss_fn, sync=True)
+        engine.optimizer_step()
     synchronize(device)
     return args.steps * args.batch_size / (time.perf_counter() - started)
 
 
 def trainer_epoch(trainer, steps: int, epoch: int, device) -> float:
-    from dist_train.data import StreamPosition
-
-    trainer.steps_per_epoch = steps
-    trainer.position = StreamPosition()
-    trainer.state.epoch_start_step = trainer.state.step
+    """Images/s of `steps` optimizer steps of a fresh `epoch` through the Trainer's own `run_steps`."""
+    trainer.stream.reset()
     synchronize(device)
     started = time.perf_counter()
-    trainer.train_epoch(epoch)
+    trainer.run_steps(epoch, steps)
     synchronize(device)
     return steps * trainer.cfg.train.batch_size / (time.perf_counter() - started)
 
 
-def loop_on_memory(trainer, args, device) -> float:
-    from dist_train import loop
+def memory_loader_factory(args, device):
+    """Batches already on the device, as many as asked: the loop's own cost without the input pipeline."""
     from dist_train.data import Batch
 
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
@@ -146,16 +147,15 @@ def loop_on_memory(trainer, args, device) -> float:
     keys = [str(i) for i in range(args.batch_size)]
 
     def memory_loader(stream, cfg, pin_memory, timeout_s=0):
-        for index in range(stream.micro_batches):
+        for index in itertools.count():
             yield Batch(images, labels, keys, 0, index + 1)
 
-    original = loop.make_loader
-    loop.make_loader = memory_loader
-    try:
-        trainer_epoch(trainer, 3, 10_000, device)
-        return trainer_epoch(trainer, args.steps, 10_001, device)
-    finally:
-        loop.make_loader = original
+    return memory_loader
+
+
+def loop_on_memory(trainer, args, device) -> float:
+    trainer_epoch(trainer, 3, 10_000, device)
+    return trainer_epoch(trainer, args.steps, 10_001, device)
 
 
 def full_pipeline(trainer, args, device) -> float:
@@ -230,8 +230,8 @@ def gpu_decode_pipeline(trainer, args, device) -> tuple[float, float]:
         synchronize(device)
         decode_seconds += time.perf_counter() - decode_started
         images = augment(torch.stack(decoded))
-        engine.train_micro_step(images, labels.to(device, non_blocking=True), trainer.loss_fn)
-        engine.step()
+        engine.forward_backward(images, labels.to(device, non_blocking=True), trainer.loss_fn, sync=True)
+        engine.optimizer_step()
     synchronize(device)
     images_timed = args.steps * args.batch_size
     return images_timed / (time.perf_counter() - started), images_timed / max(decode_seconds, 1e-9)
@@ -288,7 +288,8 @@ def main() -> None:
     rates: dict[str, float] = {}
     with peak_memory(device, memory, "model only"):
         rates["model only"] = model_only(trainer, args, device)
-    rates["loop, memory"] = loop_on_memory(trainer, args, device)
+    memory_trainer = build_trainer(args, shards, device_name, memory_loader_factory(args, device))
+    rates["loop, memory"] = loop_on_memory(memory_trainer, args, device)
     with peak_memory(device, memory, "full pipeline"):
         rates["full pipeline"] = full_pipeline(trainer, args, device)
     if args.gpu_decode:

@@ -9,7 +9,7 @@ interleaved rounds inside the same processes (rates: the best round of --repeats
 over rounds of the ratio measured within a round, which drifting background load cannot bias), each round
 --steps optimizer steps of --accumulation micro-batches of --batch-size images per rank:
 
-  ours        dist_train.loop.Trainer.train_epoch itself (DDPEngine, loss, LR schedule, per-step health
+  ours        dist_train.train.loop.Trainer.run_steps itself (DDPEngine, loss, LR schedule, per-step health
               all-reduce, epoch statistics, logging), its DataLoader replaced by the in-memory batches;
   minimal     a hand-written loop: DDP (no_sync on accumulation micro-steps), BCE loss, AdamW;
   lightning   lightning.Trainer(strategy="ddp", accelerator="cpu", precision="32-true",
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 import tempfile
@@ -78,20 +79,19 @@ def ensure_tiny_shards(workdir: Path) -> Path:
 
 
 class OursRunner:
-    """dist_train's Trainer, one train_epoch of `steps` optimizer steps per timed call."""
+    """dist_train's Trainer, `run_steps(epoch, steps)` per timed call, data from memory through its loader seam."""
 
     def __init__(self, env, args, batches, engine: str = "ddp", zero_stage: int = 0):
-        from dist_train import loop
         from dist_train.config import config_from_dict
-        from dist_train.data import Batch, StreamPosition
+        from dist_train.data import Batch
+        from dist_train.train.loop import Trainer
 
         def memory_loader(stream, cfg, pin_memory, timeout_s=0):
-            for index in range(stream.micro_batches):
+            """The stream and its workers are not measured: the same batches, cycled, for as long as asked."""
+            for index in itertools.count():
                 images, labels = batches[index % len(batches)]
                 yield Batch(images, labels, [f"k{index}-{i}" for i in range(len(labels))], 0, index + 1)
 
-        loop.make_loader = memory_loader  # data from memory: the stream and its workers are not measured
-        self.position_type = StreamPosition
         shards = ensure_tiny_shards(Path(args.workdir))
         cfg = config_from_dict({
             "name": f"overhead-{engine}{zero_stage}-w{env.world_size}", "run_root": str(Path(args.workdir) / "runs"),
@@ -103,18 +103,12 @@ class OursRunner:
                       "steps_per_epoch": args.steps, "device": "cpu", "precision": "fp32"},
             "engine": {"kind": engine, "zero_stage": zero_stage},
             "tracking": {"wandb": {"enabled": False}, "progress": "none", "html_report": False}})
-        self.trainer = loop.Trainer(cfg, env)
-        self.trainer._enter_phase(0)  # what Trainer.train does before its first epoch
-        self.epoch = 0
+        self.trainer = Trainer(cfg, env, loader_factory=memory_loader)
+        self.trainer.enter_phase(0)
 
     def run(self, steps: int) -> tuple[float, float]:
-        trainer = self.trainer
-        trainer.steps_per_epoch = steps
-        trainer.position = self.position_type()
-        trainer.state.epoch_start_step = trainer.state.step
         started, cpu_started = time.perf_counter(), time.process_time()
-        trainer.train_epoch(self.epoch)
-        self.epoch += 1
+        self.trainer.run_steps(0, steps)
         return time.perf_counter() - started, time.process_time() - cpu_started
 
 

@@ -3,7 +3,9 @@
 The reliability matrix needs faults at exact places: a non-finite loss at optimizer step N, or a
 SIGKILL at a named point of a checkpoint write. Real runs never set the variable; reading it here,
 in one module, keeps the hooks out of the code they test. Syntax: `nan_loss@5`, `kill@<point>`,
-`kill@<point>#2` (the second time that point is reached), several joined by commas.
+`kill@<point>#2` (the second time that point is reached), `notice@<point>` (a preemption notice, as
+a signal would raise it), `fail@<point>` (an OSError, as a full disk or an unwritable file would
+raise), several joined by commas.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import signal
 from collections import Counter
 
 import torch
+
+from dist_train import preemption
 
 _SPEC = os.environ.get("DIST_TRAIN_FAULT", "")
 _RANK = os.environ.get("DIST_TRAIN_FAULT_RANK")
@@ -35,11 +39,22 @@ def corrupt_loss(loss: torch.Tensor, step: int) -> torch.Tensor:
 
 
 def point(name: str) -> None:
-    """SIGKILL this process at a named point when `kill@<name>[#n]` asks for it."""
+    """At a named point: SIGKILL (`kill@`), a preemption notice (`notice@`) or an OSError (`fail@`)."""
     if not _SPEC or not _this_rank():
         return
     _reached[name] += 1
-    for wanted in _wanted("kill"):
+    if _hit("kill", name):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _hit("notice", name):
+        preemption.request()
+    if _hit("fail", name):
+        raise OSError(f"injected failure at {name}")
+
+
+def _hit(kind: str, name: str) -> bool:
+    """Whether `kind@<name>[#n]` asks for this, the `_reached[name]`-th, arrival at `name`."""
+    for wanted in _wanted(kind):
         target, _, nth = wanted.partition("#")
         if target == name and _reached[name] == int(nth or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+            return True
+    return False

@@ -322,7 +322,9 @@ class LRSchedule:
     `reset_schedule` restarts the plateau scale and the cosine at its start.
 
     Call `step(global_step, epoch)` before each `optimizer.step()` (global_step = index of that
-    step, from 0); `on_eval(metric)` after each evaluation (higher is better). `step` starts the
+    step, from 0, counted in epochs of `steps_per_epoch` steps: `epoch * steps_per_epoch + steps
+    into the epoch`, so that after a world-size change it still says how far training has got);
+    `on_eval(metric)` after each evaluation (higher is better). `step` starts the
     phase of `epoch` itself; calling `on_phase_start` for the current phase is a no-op, so a
     resumed run can replay it safely after `load_state_dict`.
     """
@@ -396,6 +398,15 @@ class LRSchedule:
         if self.cfg.kind == "plateau" and self.bad_evals >= self.cfg.plateau_patience:
             self.plateau_scale *= self.cfg.plateau_factor
             self.bad_evals = 0
+
+    def rescale(self, ratio: float) -> None:
+        """Convert the saved step counters to epochs `ratio` times as long (a resume on another world size).
+
+        Each counter marks a fraction of training (a phase start, the end of a warmup), so each keeps its
+        fraction: the LR at any later point equals the uninterrupted run's at the same fraction."""
+        self.phase_start_step = round(self.phase_start_step * ratio)
+        self.warmup_steps = round(self.warmup_steps * ratio)
+        self.decay_start_step = round(self.decay_start_step * ratio)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values only (saveable with weights_only torch.save or DCP)."""

@@ -7,6 +7,8 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,36 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    root: Path
+
+    @property
+    def train(self) -> str:
+        return f"{self.root}/train-*.tar"
+
+    @property
+    def val(self) -> str:
+        return f"{self.root}/val-*.tar"
+
+    def overrides(self) -> list[str]:
+        """The `--set` items that point a config at this set."""
+        return [f"data.train_shards={self.train}", f"data.val_shards={self.val}"]
+
+
+@pytest.fixture
+def make_shards(tmp_path_factory) -> Callable[..., ShardSet]:
+    """A factory of small shard sets: `make_shards(train=[16, 16], val=[16], **write_shards options)`."""
+
+    def make(train: list[int] = (16, 16), val: list[int] = (16,), **options) -> ShardSet:
+        root = tmp_path_factory.mktemp("shards")
+        write_shards(root, "train", list(train), **options)
+        write_shards(root, "val", list(val), **options)
+        return ShardSet(root)
+
+    return make
 
 
 @pytest.fixture(scope="session")

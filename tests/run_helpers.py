@@ -14,6 +14,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def tiny_config(shards, run_root: Path, *overrides: str):
+    """configs/test_tiny.yaml pointed at a `make_shards` set, deterministic, its runs under `run_root`."""
+    from dist_train.config import load_config
+
+    return load_config(str(REPO / "configs" / "test_tiny.yaml"),
+                       [*shards.overrides(), f"run_root={run_root}", "train.deterministic=true", *overrides])
+
+
 def train_command(nproc: int, config: str, overrides: list[str], resume: str = "auto") -> list[str]:
     return [sys.executable, str(REPO / "launch" / "train.py"), "--nproc-per-node", str(nproc), "--config", config,
             "--resume", resume, "--set", *overrides]

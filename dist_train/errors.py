@@ -1,0 +1,49 @@
+"""One error hierarchy: every error dist_train raises on purpose carries the exit code its command ends with.
+
+A `UserError` is bad input the user can fix (exit 2, one line, before work is done); any other
+`DistTrainError` is a run that failed (exit 1). The entry points print `one_line(error)` and return
+`error.exit_code`, so no command keeps its own table of which exception means which code.
+"""
+
+from __future__ import annotations
+
+
+class DistTrainError(Exception):
+    exit_code = 1
+
+
+class UserError(DistTrainError):
+    """Bad input: a config, a path, a file or a flag the user can change."""
+
+    exit_code = 2
+
+
+class DataError(UserError, RuntimeError):
+    """A shard that cannot be read, or too many corrupt samples: the run must stop."""
+
+
+class WeightsError(UserError, ValueError):
+    """A weight file or pretrained id that cannot be used: missing, not cached, unsafe or mismatched."""
+
+
+class RunLocked(UserError, RuntimeError):
+    """Another job is already writing this run directory."""
+
+
+class CheckpointError(DistTrainError, RuntimeError):
+    """A checkpoint that cannot be written or read; the previous one is intact."""
+
+
+class TrainingStopped(DistTrainError, RuntimeError):
+    """A health rule or a non-finite loss ended the run; the message says why and what to change."""
+
+
+class CoverageError(DistTrainError, RuntimeError):
+    """Validation samples were dropped or counted twice."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message itself, on one line: a DataLoader worker re-raises with its traceback folded into the text."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    return last.split(f"{type(error).__name__}: ", 1)[-1]

@@ -1,0 +1,83 @@
+"""DistributedDataParallel: `no_sync` inside an accumulation window, DCP for the tensors.
+
+Unfreezing keeps one optimizer for the run (see dist_train/unfreeze.py). A frozen parameter has
+requires_grad=False, so its grad stays None and the optimizer skips it; the DDP wrapper is rebuilt at
+a phase change because its reducer registers only the parameters that train when it is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_train.config import Config
+from dist_train.distributed import DistEnv
+from dist_train.train import sharded
+from dist_train.train.engine import autocast
+from dist_train.unfreeze import UnfreezeSchedule
+
+
+class DDPEngine:
+    kind = "ddp"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv):
+        self.module, self.optimizer, self.cfg, self.env = model, optimizer, cfg, env
+        self.accumulation = cfg.train.accumulation_steps
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16"
+                                           and env.device.type == "cuda")
+        self.wrapped = self._wrap()
+
+    def _wrap(self) -> nn.Module:
+        if not self.env.is_distributed:
+            return self.module
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        return DistributedDataParallel(self.module, device_ids=device_ids, bucket_cap_mb=self.cfg.engine.bucket_cap_mb)
+
+    def enter_phase(self, schedule: UnfreezeSchedule, phase: int) -> dict[str, Any]:
+        info = schedule.apply(self.module, phase, set_requires_grad=True)
+        self.wrapped = self._wrap()
+        return info
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.cfg, self.env.device)
+
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
+                         sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        no_sync = self.env.is_distributed and not sync
+        with self.wrapped.no_sync() if no_sync else contextlib.nullcontext():
+            with self.autocast():
+                logits = self.wrapped(images).float()
+            loss = loss_fn(logits, labels)
+            self.scaler.scale(loss / self.accumulation).backward()
+        return logits.detach(), loss.detach()
+
+    def optimizer_step(self) -> None:
+        if self.cfg.optim.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def sync_buffers(self) -> None:
+        sharded.broadcast_buffers(self.module, self.env)
+
+    def save_tensors(self, folder: Path) -> None:
+        sharded.save(folder, self.module, self.optimizer)
+
+    def load_tensors(self, folder: Path, saved_world_size: int) -> None:
+        sharded.load(folder, self.module, self.optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

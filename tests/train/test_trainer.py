@@ -1,0 +1,115 @@
+"""The Trainer in-process at world size 1, on real tiny shards: each test runs in seconds.
+
+Oracles: an uninterrupted run (resume), hand-computed checkpoint names (retention), the weights just
+before a non-finite step (NaN stop), the configured patience (early stop). Multi-rank behaviour of the
+same loop is in test_trainer_ranks.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_train.data import make_loader
+from dist_train.distributed import DistEnv
+from dist_train.errors import TrainingStopped
+from dist_train.train.checkpoint import read_pointer
+from dist_train.train.loop import Trainer
+
+from run_helpers import tiny_config as tiny
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in trainer.engine.module.state_dict().items()}
+
+
+def latest(trainer: Trainer) -> Path:
+    root = trainer.run_dir / "checkpoints"
+    return root / str(read_pointer(root / "latest"))
+
+
+def test_resume_mid_epoch_ends_bitwise_where_an_uninterrupted_run_ends(make_shards, tmp_path):
+    shards = make_shards(train=[20, 20], val=[12])
+    settings = ("train.epochs=2", "train.accumulation_steps=2", "train.batch_size=4")
+    whole = Trainer(tiny(shards, tmp_path / "whole", *settings), DistEnv())
+    whole.train()
+    first = Trainer(tiny(shards, tmp_path / "split", *settings), DistEnv())
+    first.enter_phase(0)
+    first.run_steps(0, 3)
+    first.save_checkpoint()
+    first.tracker.finish(first.summary())
+    second = Trainer(tiny(shards, tmp_path / "split", *settings), DistEnv(), resume_from=latest(first))
+    assert (second.state.step, second.state.epoch) == (3, 0)
+    second.train()
+    assert second.state.step == whole.state.step
+    expected, got = weights(whole), weights(second)
+    assert all(torch.equal(expected[name], got[name]) for name in expected), "resumed weights differ"
+
+
+def test_retention_keeps_the_newest_and_the_best(make_shards, tmp_path):
+    trainer = Trainer(tiny(make_shards(), tmp_path, "train.epochs=3", "checkpoint.every_steps=1",
+                           "checkpoint.keep_last=2"), DistEnv())
+    trainer.train()
+    steps_per_epoch = trainer.steps_per_epoch
+    last = 3 * steps_per_epoch
+    names = sorted(p.name for p in (trainer.run_dir / "checkpoints").glob("step-*"))
+    best = read_pointer(trainer.run_dir / "checkpoints" / "best")
+    expected = {f"step-{last - 1:08d}", f"step-{last:08d}", best}
+    assert set(names) == expected
+    assert read_pointer(trainer.run_dir / "checkpoints" / "latest") == f"step-{last:08d}"
+
+
+def test_early_stopping_ends_after_patience_evaluations_without_improvement(make_shards, tmp_path):
+    """The oracle replays the patience rule over the logged alphas. A frozen backbone (BatchNorm in eval
+    mode), no head BatchNorm and a negligible LR keep the model constant, so the rule must fire."""
+    trainer = Trainer(tiny(make_shards(), tmp_path, "train.epochs=6", "optim.lr=1e-12", "model.head_batchnorm=false",
+                           "unfreeze.phases=[{from_epoch: 0, train: head}]", "eval.early_stopping_patience=2"),
+                      DistEnv())
+    summary = trainer.train()
+    alphas = [record["alpha"] for record in history(trainer.run_dir) if record["kind"] == "eval"]
+    best, without, stopped_after = float("-inf"), 0, None
+    for epoch, alpha in enumerate(alphas):
+        best, without = (alpha, 0) if alpha > best else (best, without + 1)
+        if without >= 2:
+            stopped_after = epoch
+            break
+    assert stopped_after is not None and stopped_after < 5
+    assert summary["epochs_done"] == stopped_after + 1 == len(alphas)
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_health_rule_stops_a_model_that_never_predicts_a_positive(make_shards, tmp_path):
+    trainer = Trainer(tiny(make_shards(), tmp_path, "train.epochs=4", "optim.lr=1e-12",
+                           "health.max_epochs_without_positives=2"), DistEnv())
+    with torch.no_grad():
+        trainer.engine.module.head[-1].bias.fill_(-100.0)
+    with pytest.raises(TrainingStopped, match="predicted no positive"):
+        trainer.train()
+    assert trainer.state.epoch == 2
+
+
+def test_a_non_finite_loss_stops_before_its_update_reaches_the_weights(make_shards, tmp_path):
+    """The second micro-batch carries NaN pixels; the parameters after the stop are those before that step.
+
+    (BatchNorm's running statistics saw the NaN forward; the stop keeps them out of every checkpoint.)"""
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    def poisoned_loader(dataset, *args):
+        for index, batch in enumerate(make_loader(dataset, *args)):
+            if index == 1:
+                snapshots.append(weights(trainer))
+                batch.images = torch.full_like(batch.images, float("nan"))
+            yield batch
+
+    trainer = Trainer(tiny(make_shards(), tmp_path, "train.epochs=1"), DistEnv(), loader_factory=poisoned_loader)
+    with pytest.raises(TrainingStopped, match="non-finite loss at optimizer step 2"):
+        trainer.train()
+    assert trainer.state.step == 1
+    parameters = dict(trainer.engine.module.named_parameters())
+    assert all(torch.equal(snapshots[0][name], parameters[name]) for name in parameters)
