@@ -131,6 +131,17 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """On a GPU, cuDNN autotuning and TF32 matmuls (fixed input sizes: both pay from the first epoch)
+    unless `deterministic` asks for repeatable kernels; CPU runs are left as they are."""
+    if device.type != "cuda":
+        return
+    fast = not deterministic
+    torch.backends.cudnn.benchmark = fast
+    torch.backends.cuda.matmul.allow_tf32 = fast
+    torch.backends.cudnn.allow_tf32 = fast
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -297,16 +297,15 @@ def param_groups_no_decay(model: GlaucomaNet, weight_decay: float) -> list[dict[
 
 
 def prepare_model(model: nn.Module, cfg: ModelConfig, device: torch.device | str) -> nn.Module:
-    """Move to `device`, then channels_last and torch.compile when the config asks.
+    """Move to `device`, then channels_last when the config asks.
 
-    The compiled module shares the original's parameters, so optimizers and checkpoints may be built
-    on either; state-dict keys of the compiled wrapper carry an `_orig_mod.` prefix.
+    `model.compile` is not applied here: the engine compiles what it runs (the DDP wrapper, so that
+    compute and gradient communication still overlap, or DeepSpeed's engine), and the module itself,
+    which checkpoints and exports save, keeps plain state-dict keys (no `_orig_mod.` prefix).
     """
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        model = torch.compile(model)
     return model
 
 

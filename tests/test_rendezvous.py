@@ -224,3 +224,22 @@ def test_cpu_is_chosen_without_touching_cuda(visible_gpus):
     calls = visible_gpus(2)
     assert distributed.pick_device("cpu", local_rank=1) == torch.device("cpu")
     assert calls == []
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_runs_autotune_and_use_tf32_unless_deterministic(deterministic):
+    """Only flags are set (no GPU here); a CPU device leaves them untouched."""
+    import torch
+
+    from dist_train.distributed import configure_backends
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    try:
+        cudnn.benchmark = cudnn.allow_tf32 = matmul.allow_tf32 = deterministic
+        configure_backends(torch.device("cpu"), deterministic)
+        assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == (deterministic,) * 3
+        configure_backends(torch.device("cuda", 0), deterministic)
+        assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == (not deterministic,) * 3
+    finally:
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = before

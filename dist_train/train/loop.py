@@ -67,6 +67,7 @@ class Trainer:
         self.loader_factory = loader_factory
         self.started = time.monotonic()
         distributed.seed_everything(cfg.train.seed + env.rank, cfg.train.deterministic)
+        distributed.configure_backends(env.device, cfg.train.deterministic)
         self.train_urls = shard_urls(cfg.data.train_shards)
         self.val_urls = shard_urls(cfg.data.val_shards)
         if cfg.data.verify_shards:

@@ -32,12 +32,16 @@ class DDPEngine:
         self.wrapped = self._wrap()
 
     def _wrap(self) -> nn.Module:
-        if not self.env.is_distributed:
-            return self.module
-        from torch.nn.parallel import DistributedDataParallel
+        """DDP around the module, compiled outside DDP (`model.compile`) so its bucketed all-reduce still
+        overlaps the backward; rebuilt, and so recompiled, at every phase change."""
+        wrapped = self.module
+        if self.env.is_distributed:
+            from torch.nn.parallel import DistributedDataParallel
 
-        device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        return DistributedDataParallel(self.module, device_ids=device_ids, bucket_cap_mb=self.cfg.engine.bucket_cap_mb)
+            device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(self.module, device_ids=device_ids,
+                                              bucket_cap_mb=self.cfg.engine.bucket_cap_mb)
+        return torch.compile(wrapped) if self.cfg.model.compile else wrapped
 
     def enter_phase(self, schedule: UnfreezeSchedule, phase: int) -> dict[str, Any]:
         info = schedule.apply(self.module, phase, set_requires_grad=True)
