@@ -20,7 +20,6 @@ from typing import Any
 import timm
 import torch
 from safetensors.torch import load_file
-from timm.models import clean_state_dict
 from torch import nn
 
 from dist_train.config import ModelConfig
@@ -205,25 +204,21 @@ def load_weight_file(model: GlaucomaNet, path: str) -> None:
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors or weights-only torch file; a pickled payload with code is refused.
 
-    A torch file may wrap its tensors in 'state_dict' or 'model' (training checkpoints), and DDP's
-    'module.' prefix is removed (timm's clean_state_dict).
+    timm's own reader (weights_only): a torch file may wrap its tensors in 'state_dict' or 'model'
+    (training checkpoints), and DDP's 'module.' prefix is removed.
     """
     if not Path(path).is_file():
         raise WeightsError(f"model.pretrained: weight file {path} does not exist")
     if path.endswith(".safetensors"):
         return _load_safetensors(path, "model.pretrained")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+        return timm.models.load_state_dict(path, use_ema=False, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as error:  # timm re-raises torch's refusal as RuntimeError
         raise WeightsError(f"model.pretrained: {path} is not a plain weights file (torch.load weights_only "
                          f"refused it: {_refusal_reason(error)}); convert it to .safetensors") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
-            loaded = loaded[wrapper]
-            break
-    if not isinstance(loaded, dict):
-        raise WeightsError(f"model.pretrained: {path} holds a {type(loaded).__name__}, not a state dict")
-    return clean_state_dict(loaded)
+    except (AttributeError, TypeError):  # timm's clean_state_dict met something that is not a mapping
+        raise WeightsError(f"model.pretrained: {path} holds no state dict (a mapping of names to tensors, "
+                         f"possibly under 'state_dict' or 'model')") from None
 
 
 def _load_safetensors(path: str, option: str) -> dict[str, torch.Tensor]:
@@ -261,7 +256,7 @@ def _refusal_reason(error: BaseException) -> str:
     """The line of torch's long weights_only message that names the refused global."""
     lines = [line.strip() for line in str(error).splitlines()]
     reason = next((line for line in lines if "unsupported global" in line.lower()), _first_line(error))
-    return reason.split(". Please use")[0]
+    return reason.split(". Please use")[0].split("pickle globals. ")[-1].split(". No automatic")[0]
 
 
 def _first_line(error: BaseException) -> str:
@@ -285,15 +280,6 @@ def model_no_weight_decay_names(model: GlaucomaNet) -> frozenset[str]:
     """Full parameter names the backbone asks to exempt from decay (timm's `no_weight_decay()`)."""
     declared = model.backbone.no_weight_decay() if hasattr(model.backbone, "no_weight_decay") else set()
     return frozenset(f"backbone.{name}" for name in declared)
-
-
-def param_groups_no_decay(model: GlaucomaNet, weight_decay: float) -> list[dict[str, Any]]:
-    """Two optimizer groups, decayed and not; unlike timm's version frozen parameters are kept too."""
-    extra = model_no_weight_decay_names(model)
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if no_weight_decay(name, param, extra) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def prepare_model(model: nn.Module, cfg: ModelConfig, device: torch.device | str) -> nn.Module:

@@ -38,6 +38,7 @@ from timm.models import group_parameters
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from dist_train import compat
 from dist_train.config import OptimConfig, PhaseConfig, ScheduleConfig, UnfreezeConfig
 from dist_train.model import model_no_weight_decay_names, no_weight_decay
 
@@ -48,8 +49,8 @@ NEVER = -1
 def unwrap(model: nn.Module) -> nn.Module:
     """The GlaucomaNet inside DDP / DeepSpeed (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        if compat.unwrap_compiled(model) is not model:
+            model = compat.unwrap_compiled(model)
         elif isinstance(getattr(model, "module", None), nn.Module):
             model = model.module
         else:
@@ -156,7 +157,7 @@ class UnfreezeSchedule:
         """Enter `phase_index`: `requires_grad` on exactly its parameters (all, when not set_requires_grad).
 
         `set_requires_grad=False` is for DeepSpeed, which registers every parameter at init: there all
-        stay trainable and the frozen ones are gated through `install_grad_gate`/`gate_frozen_grads`.
+        stay trainable and the frozen ones are gated through `install_grad_gate`.
         """
         self.current = phase_index
         trainable = self.phase_trainable[phase_index]
@@ -180,20 +181,9 @@ class UnfreezeSchedule:
             return
         trainable = self.trainable()
         for module_name, module in unwrap(model).named_modules():
-            is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+            is_norm = compat.is_batchnorm(module)
             if is_norm and _owns_only_frozen(module_name, module, trainable):
                 module.eval()
-
-    def gate_frozen_grads(self, model: nn.Module) -> None:
-        """Zero the `.grad` of parameters not trainable in the current phase (after backward).
-
-        For paths where requires_grad stays True (DeepSpeed) and `.grad` is populated before the
-        step (ZeRO 0/1). With ZeRO-2, gradients leave `.grad` during backward: use `install_grad_gate`.
-        """
-        trainable = self.trainable()
-        for name, param in unwrap(model).named_parameters():
-            if name not in trainable and param.grad is not None:
-                param.grad.zero_()
 
     def install_grad_gate(self, model: nn.Module) -> list[RemovableHandle]:
         """Tensor hooks that zero each frozen parameter's gradient before anything else sees it.

@@ -19,7 +19,6 @@ from dist_train.model import (
     build_model,
     export_meta_path,
     load_for_inference,
-    param_groups_no_decay,
     prepare_model,
 )
 
@@ -156,15 +155,21 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path):
 
 
 def test_no_decay_group_holds_biases_and_norms_frozen_or_not():
+    from dist_train.config import OptimConfig, UnfreezeConfig
+    from dist_train.unfreeze import UnfreezeSchedule, optimizer_param_groups
+
     model = build_model(tiny_cfg())
     for param in model.backbone.parameters():
         param.requires_grad_(False)
-    decay, no_decay = param_groups_no_decay(model, weight_decay=0.05)
-    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    assert all(param.ndim > 1 for param in decay["params"])
-    assert all(param.ndim <= 1 for param in no_decay["params"])
-    assert any(param is model.backbone.bn1.weight for param in no_decay["params"])
+    groups = optimizer_param_groups(model, UnfreezeSchedule(UnfreezeConfig(), model), OptimConfig(weight_decay=0.05))
+    decay = [p for group in groups if group["decay"] for p in group["params"]]
+    no_decay = [p for group in groups if not group["decay"] for p in group["params"]]
+    assert {g["weight_decay"] for g in groups if g["decay"]} == {0.05}
+    assert {g["weight_decay"] for g in groups if not g["decay"]} == {0.0}
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+    assert all(param.ndim > 1 for param in decay)
+    assert all(param.ndim <= 1 for param in no_decay)
+    assert any(param is model.backbone.bn1.weight for param in no_decay)
 
 
 def test_prepare_model_channels_last():
