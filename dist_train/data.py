@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import webdataset.filters
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
@@ -235,17 +236,9 @@ def sample_image_bytes(sample: dict[str, Any]) -> bytes:
 
 
 def shuffled(samples: Iterator[dict[str, Any]], buffer_size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
-    """A reservoir shuffle with an explicit RNG (webdataset's uses the global one)."""
-    buffer: list[dict[str, Any]] = []
-    for sample in samples:
-        if len(buffer) < buffer_size:
-            buffer.append(sample)
-            continue
-        index = rng.randrange(len(buffer))
-        buffer[index], sample = sample, buffer[index]
-        yield sample
-    rng.shuffle(buffer)
-    yield from buffer
+    """webdataset's buffer shuffle, drawing from `rng` (seeded per slot and pass), so a resumed run's
+    order is the uninterrupted run's; its buffer fills completely before the first sample leaves."""
+    return webdataset.filters.shuffle(buffer_size, initial=buffer_size, rng=rng)(samples)
 
 
 def cycled(share: SlotShare, seed: int, buffer_size: int) -> Iterator[dict[str, Any]]:
