@@ -334,6 +334,11 @@ class Batch:
     bad: list[tuple[str, str, str]] = field(default_factory=list)
     """(shard, key, reason) of corrupt samples skipped since the previous batch of this worker."""
 
+    def pin_memory(self) -> Batch:
+        """What the DataLoader's pinning thread calls (`data.pin_memory` on a GPU run): page-locked
+        tensors, without which every `non_blocking` copy to the GPU is a synchronous one."""
+        return dataclasses.replace(self, images=self.images.pin_memory(), labels=self.labels.pin_memory())
+
 
 def decode_batches(samples: Iterator[dict[str, Any]], decoder: Decoder, batch_size: int, seed: int,
                    worker: int, start_position: int = 0, keep_last: bool = False) -> Iterator[Batch]:

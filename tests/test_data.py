@@ -250,3 +250,24 @@ def test_uint8_decoding_normalised_on_the_device_equals_normalising_in_workers(t
     assert raw.dtype == torch.uint8
     expected = torch.stack([in_workers(sample, index) for index, sample in enumerate(samples)])
     torch.testing.assert_close(Normaliser(MEAN, STD, torch.device("cpu"))(raw), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_pins_its_tensors_when_the_loader_pins(monkeypatch):
+    """The DataLoader's own pinning function on a Batch: without `Batch.pin_memory` it returns the batch
+    unpinned. No GPU here, so `Tensor.pin_memory` is replaced by a marker that records what it pinned."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from dist_train.data import Batch
+
+    pinned: list[torch.Tensor] = []
+
+    def mark(tensor, *args, **kwargs):
+        pinned.append(tensor)
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", mark)
+    batch = Batch(torch.zeros(2, 3, 4, 4), torch.ones(2), ["a", "b"], worker=1, raw_position=7)
+    result = pin_memory(batch)
+    assert isinstance(result, Batch) and result.keys == ["a", "b"] and result.raw_position == 7
+    assert [tensor.shape for tensor in pinned] == [batch.images.shape, batch.labels.shape]
+    assert result.images is not batch.images
