@@ -47,22 +47,24 @@ def _train_rank(rank: int, port: int, engine_kind: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     from dist_train.distributed import init_distributed
-    from dist_train.engine import build_engine
+    from dist_train.train.engine import build_engine
     from dist_train.unfreeze import UnfreezeSchedule, build_optimizer
 
     env = init_distributed("cpu", 60)
     cfg = _config(engine_kind, ACCUMULATION)
     model = _model()
     schedule = UnfreezeSchedule(cfg.unfreeze, model)
-    schedule.apply(model, 0, set_requires_grad=engine_kind != "deepspeed")
     engine = build_engine(model, build_optimizer(model, schedule, cfg.optim), cfg, env, schedule)
+    engine.enter_phase(schedule, 0)
     for group in engine.optimizer.param_groups:
         group["lr"] = cfg.optim.lr
     images, labels = _batches()
     mine = slice(rank * ACCUMULATION * MICRO, (rank + 1) * ACCUMULATION * MICRO)
-    for chunk_images, chunk_labels in zip(images[mine].split(MICRO), labels[mine].split(MICRO)):
-        engine.train_micro_step(chunk_images, chunk_labels, torch.nn.BCEWithLogitsLoss())
-        engine.step()
+    chunks = list(zip(images[mine].split(MICRO), labels[mine].split(MICRO)))
+    for index, (chunk_images, chunk_labels) in enumerate(chunks):
+        engine.forward_backward(chunk_images, chunk_labels, torch.nn.BCEWithLogitsLoss(),
+                                sync=index == len(chunks) - 1)
+    engine.optimizer_step()
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
     torch.distributed.destroy_process_group()
