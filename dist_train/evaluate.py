@@ -8,6 +8,7 @@ collectives are the gather at the end and the broadcast of rank 0's result.
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,23 @@ def check_coverage(keys: list[str], expected: int | None, skipped: int = 0) -> N
                             f"holds {expected}")
 
 
-def write_predictions(path: Path, scores: Scores) -> None:
-    with open(path, "w", newline="") as handle:
+PREDICTION_COLUMNS = ("id", "label", "likelihood", "referable_glaucoma", "error")
+"""The header of every prediction CSV: training's predictions_val.csv, predict.py and evaluate.py.
+
+id: the sample key (shards) or the image path under --images without extension; label: 1 RG, 0 NRG, empty
+when unknown; likelihood: the RG probability; referable_glaucoma: 1/0 at the export's threshold, empty
+without one; error: why the sample could not be scored (its likelihood is then empty).
+"""
+
+
+def write_predictions(path: Path, scores: Scores, threshold: float | None = None, labelled: bool = True) -> None:
+    """One row per sample, scored or skipped, sorted by id; written aside and renamed, so never half a file."""
+    rows = [[key, label if labelled else "", f"{score:.8g}", "" if threshold is None else int(score >= threshold),
+             ""] for key, label, score in zip(scores.keys, scores.labels, scores.scores)]
+    rows += [[key, "", "", "", reason] for _where, key, reason in scores.bad]
+    staging = path.with_name(path.name + ".tmp")
+    with open(staging, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["key", "label", "score"])
-        for key, label, score in sorted(zip(scores.keys, scores.labels, scores.scores)):
-            writer.writerow([key, label, f"{score:.8g}"])
+        writer.writerow(PREDICTION_COLUMNS)
+        writer.writerows(sorted(rows, key=lambda row: row[0]))
+    os.replace(staging, path)

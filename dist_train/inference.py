@@ -9,22 +9,30 @@ that training applied. Raw JPEGs go through the same crop, resize and JPEG re-en
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from dist_train import checkpoint
 from dist_train.config import DataConfig, ModelConfig
-from dist_train.data import Decoder, EvalStream, make_loader, shard_urls
+from dist_train.data import Decoder, EvalStream, make_loader
 from dist_train.evaluate import Scores, score_stream
 from dist_train.model import build_model, export_meta_path, load_for_inference
+from dist_train.sharding import IMAGE_SUFFIXES, offenders
+from dist_train.tracking import Progress
+from dist_train.transforms import BadImageError, load_fundus
+
+
+class InputError(ValueError):
+    """A bad --model, --images, --shards, --out or option: the commands exit 2 before any work."""
 
 
 def export(source: Path, out: Path) -> Path:
@@ -41,9 +49,18 @@ def export(source: Path, out: Path) -> Path:
     model = build_model(ModelConfig(**{**config["model"], "pretrained": "none", "compile": False}))
     model.load_state_dict(weights, strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(out))
-    export_meta_path(out).write_text(json.dumps(_meta(config, state, folder, model), indent=2))
+    _write_atomic(out, save({name: tensor.contiguous() for name, tensor in model.state_dict().items()}))
+    _write_atomic(export_meta_path(out), json.dumps(_meta(config, state, folder, model), indent=2).encode())
     return out
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Through Python's open, so the file gets the umask's mode like every other output (safetensors' own
+    writer makes it 0600), and under a temporary name, so an interrupted export leaves the old file whole."""
+    staging = path.with_name(path.name + ".tmp")
+    with open(staging, "wb") as handle:
+        handle.write(data)
+    os.replace(staging, path)
 
 
 def _checkpoint_folder(source: Path) -> Path:
@@ -109,26 +126,89 @@ class Predictor:
         clahe = (pre["clahe_clip_limit"], pre["clahe_tile_grid"]) if pre["clahe"] else None
         return Decoder(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), clahe, None)
 
-    def score_shards(self, url: str, batch_size: int = 64, workers: int = 0) -> Scores:
-        stream = EvalStream(shard_urls(url), self.decoder(), batch_size, 0, 1, workers)
-        data = DataConfig(train_shards="-", val_shards=url, workers=workers)
-        return score_stream(self.model, make_loader(stream, data, False), self.device, self.meta["tta"], None,
-                            contextlib.nullcontext)
+    def score_shards(self, urls: list[str], total: int, batch_size: int = 64, workers: int = 0,
+                     progress: str = "none") -> Scores:
+        """Every sample of the shards; corrupt ones land in `bad` (url, key, reason), as in training."""
+        stream = EvalStream(urls, self.decoder(), batch_size, 0, 1, workers)
+        data = DataConfig(train_shards="-", val_shards=urls[0], workers=workers)
+        with Progress(progress, total, desc="scoring") as bar:
+            return score_stream(self.model, _counted(make_loader(stream, data, False), bar), self.device,
+                                self.meta["tta"], None, contextlib.nullcontext)
 
-    def score_images(self, paths: list[Path], shard_size: int, quality: int, batch_size: int = 32) -> Scores:
-        """Raw fundus JPEGs through the shard builder's preprocessing, then the evaluation decoder."""
-        from dist_train.transforms import load_fundus
+    def score_images(self, images: dict[str, Path], batch_size: int = 32, progress: str = "none") -> Scores:
+        """Raw fundus images (id -> path) through the shard builder's preprocessing, then the evaluation decoder.
 
-        decoder, keys, scores = self.decoder(), [], []
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            images = torch.stack([decoder({"jpg": _reencode(load_fundus(p, shard_size)[0], quality)}, 0)
-                                  for p in chunk])
-            batch = _ImageBatch(images, torch.zeros(len(chunk)), [p.stem for p in chunk])
-            part = score_stream(self.model, [batch], self.device, self.meta["tta"], None, contextlib.nullcontext)
-            keys += part.keys
-            scores += part.scores
-        return Scores(keys, [0] * len(keys), scores, 0.0, [])
+        An unreadable image is skipped into `bad` as (path, id, reason) rather than ending the run.
+        """
+        items, merged = sorted(images.items()), Scores([], [], [], 0.0, [])
+        with Progress(progress, len(items), desc="scoring") as bar:
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                part = self._score_chunk(chunk)
+                merged.keys += part.keys
+                merged.scores += part.scores
+                merged.bad += part.bad
+                bar.update(len(chunk))
+        merged.labels = [0] * len(merged.keys)
+        return merged
+
+    def _score_chunk(self, chunk: list[tuple[str, Path]]) -> Scores:
+        pre, decoder = self.meta["preprocess"], self.decoder()
+        tensors, keys, bad = [], [], []
+        for key, path in chunk:
+            try:
+                fundus = _load_fundus(path, pre.get("shard_size") or 512)
+            except BadImageError as error:
+                bad.append((str(path), key, str(error)))
+                continue
+            tensors.append(decoder({"jpg": _reencode(fundus, pre.get("shard_quality") or 95)}, 0))
+            keys.append(key)
+        if not keys:
+            return Scores([], [], [], 0.0, bad)
+        batch = _ImageBatch(torch.stack(tensors), torch.zeros(len(keys)), keys)
+        part = score_stream(self.model, [batch], self.device, self.meta["tta"], None, contextlib.nullcontext)
+        return Scores(part.keys, part.labels, part.scores, 0.0, bad)
+
+
+def _load_fundus(path: Path, size: int):
+    """The builder's crop and resize; an empty file (an interrupted copy) is called that, not 'unidentified'."""
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as error:
+        raise BadImageError(f"cannot read: {error.strerror}") from error
+    if empty:
+        raise BadImageError("empty file (0 bytes)")
+    return load_fundus(path, size)[0]
+
+
+def list_images(root: Path) -> dict[str, Path]:
+    """id -> image under `root`, the id being its path under root without extension.
+
+    For a flat AIROGS folder that is the challenge id (TRAIN000000); in nested folders day1/img001 and
+    day2/img001 stay two rows. Two files that differ only by extension would share an id, so are refused.
+    """
+    if not root.is_dir():
+        raise InputError(f"--images {root}: not a folder")
+    images: dict[str, Path] = {}
+    clashes = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        key = path.relative_to(root).with_suffix("").as_posix()
+        if key in images:
+            clashes.append(f"{images[key]} and {path}")
+        images.setdefault(key, path)
+    if not images:
+        raise InputError(f"--images {root}: no {', '.join(sorted(IMAGE_SUFFIXES))} files under it")
+    if clashes:
+        raise InputError(f"--images {root}: " + offenders("images that differ only by extension", clashes)
+                         + "; keep one of each")
+    return images
+
+
+def _counted(loader: Iterable, bar: Progress) -> Iterator:
+    """The loader's batches, advancing the progress display by the samples each one carried."""
+    for batch in loader:
+        yield batch
+        bar.update(len(batch.keys) + len(batch.bad))
 
 
 @dataclass
@@ -151,15 +231,8 @@ def _export_file(path: Path) -> Path:
     if path.is_dir():
         candidate = path / "export" / "model.safetensors"
         if not candidate.is_file():
-            raise FileNotFoundError(f"{path}: no export at {candidate}; run launch/export.py {path} first")
+            raise FileNotFoundError(f"--model {path}: no export at {candidate}; run launch/export.py {path} first")
         return candidate
+    if not path.is_file():
+        raise FileNotFoundError(f"--model {path}: no such file or run directory")
     return path
-
-
-def write_prediction_csv(path: Path, scores: Scores, threshold: float | None) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "likelihood", "referable_glaucoma"])
-        for key, score in sorted(zip(scores.keys, scores.scores)):
-            decision = "" if threshold is None else int(score >= threshold)
-            writer.writerow([key, f"{score:.8g}", decision])

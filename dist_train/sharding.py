@@ -31,7 +31,15 @@ from tqdm import tqdm
 from dist_train.transforms import DRAFT_MARGIN, BadImageError, load_fundus
 
 FORMAT = "dist_train-shards/1"
-CLASSES = {"NRG": 0, "RG": 1}
+CLASSES = {"NRG": 0, "RG": 1, "0": 0, "1": 1}
+"""Accepted values of the class column (case-insensitive): AIROGS writes RG/NRG, other tools 1/0."""
+LABELS = (0, 1)
+MAX_ASPECT_RATIO = 2.0
+"""Fundus photographs are 1:1 to 3:2; a longer side beyond twice the shorter is a strip, a screenshot or a
+stitched pair, stored (it may be right) but warned about and listed in the manifest's `degenerate`."""
+UNFINISHED_MARKER = "unfinished"
+"""Written in .parts/ when a build starts writing and removed with the manifest's publication, so a killed
+rebuild that left an older manifest behind is still known as unfinished."""
 SPLIT_VALUES = {"train": "train", "val": "val", "validation": "val"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 PARTS = ".parts"
@@ -41,12 +49,19 @@ SHOWN = 5
 """Offending rows named in an error message; the count covers the rest."""
 
 
+_NOT_FINISHED = "the build did not finish; rerun the same build command to resume"
+
+
 class ShardInputError(ValueError):
     """Bad labels, images or OUT folder: the CLI exits 2."""
 
 
 class TooManyRejectedError(RuntimeError):
     """More unreadable images than --max-rejected-fraction allows: the CLI exits 1."""
+
+
+class UnfinishedBuildError(RuntimeError):
+    """A shard folder whose build stopped before its manifest was written: verify exits 1."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +164,7 @@ def build(image_dirs: Iterable, labels_csv, out_dir, options: BuildOptions = Bui
                 "samples_per_shard": per_shard}
     report.manifest = _manifest(fingerprint, options.split_record(), sharding, sidecars, skipped)
     _write_json_atomic(out_dir / "manifest.json", report.manifest)
+    (out_dir / PARTS / UNFINISHED_MARKER).unlink()
     limit = options.max_shard_bytes
     report.oversized = [s["name"] for s in sidecars if limit and s["bytes"] > limit]
     report.seconds = time.monotonic() - started
@@ -156,33 +172,61 @@ def build(image_dirs: Iterable, labels_csv, out_dir, options: BuildOptions = Bui
 
 
 def read_labels(labels_csv, split_column: str | None = None) -> dict[str, tuple[int, str | None]]:
-    """challenge_id -> (label, split or None), rejecting the whole file on any bad row."""
+    """challenge_id -> (label, split or None), rejecting the whole file on any bad row.
+
+    Every problem is named with its lines and what the row should hold instead, so one run of the
+    command lists everything to fix.
+    """
+    reader = _labels_reader(labels_csv, split_column)
+    labels: dict[str, tuple[int, str | None]] = {}
+    problems: dict[str, list[tuple[str, str]]] = {}
+    for row in reader:
+        key = (row["challenge_id"] or "").strip()
+        label = CLASSES.get((row["class"] or "").strip().upper())
+        split = SPLIT_VALUES.get((row[split_column] or "").strip().lower()) if split_column else None
+        checks = {"invalid id": not key or any(c in key for c in "./\\ "), "duplicate id": key in labels,
+                  "unknown class": label is None, f"{split_column} not train/val": split_column and not split}
+        for problem in (name for name, failed in checks.items() if failed):
+            problems.setdefault(problem, []).append((f"line {reader.line_num} {list(row.values())[:3]}", key))
+        labels.setdefault(key, (label, split))
+    if problems:
+        named = (_label_problem(name, rows) for name, rows in problems.items())
+        raise ShardInputError(f"{labels_csv}: " + "; ".join(named))
+    if not labels:
+        raise ShardInputError(f"{labels_csv}: no rows under the header")
+    return labels
+
+
+def _labels_reader(labels_csv, split_column: str | None) -> csv.DictReader:
     try:
         text = Path(labels_csv).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise ShardInputError(f"{labels_csv}: not a UTF-8 text file ({error})") from error
+    except OSError as error:
+        raise ShardInputError(f"{labels_csv}: cannot read ({error.strerror})") from error
     if not text.strip():
         raise ShardInputError(f"{labels_csv}: empty file")
     reader = csv.DictReader(io.StringIO(text))
     wanted = ["challenge_id", "class"] + ([split_column] if split_column else [])
     if not set(wanted) <= set(reader.fieldnames or []):
         raise ShardInputError(f"{labels_csv}: wrong header {reader.fieldnames}; expected columns {wanted}")
-    labels: dict[str, tuple[int, str | None]] = {}
-    problems: dict[str, list[str]] = {}
-    for row in reader:
-        key, where = (row["challenge_id"] or "").strip(), f"line {reader.line_num}"
-        label = CLASSES.get((row["class"] or "").strip())
-        split = SPLIT_VALUES.get((row[split_column] or "").strip().lower()) if split_column else None
-        checks = {"invalid id": not key or any(c in key for c in "./\\ "), "duplicate id": key in labels,
-                  "unknown class": label is None, f"{split_column} not train/val": split_column and not split}
-        for problem in (name for name, failed in checks.items() if failed):
-            problems.setdefault(problem, []).append(f"{where} {list(row.values())[:3]}")
-        labels.setdefault(key, (label, split))
-    if problems:
-        raise ShardInputError(f"{labels_csv}: " + "; ".join(_offenders(k, v) for k, v in problems.items()))
-    if not labels:
-        raise ShardInputError(f"{labels_csv}: no rows under the header")
-    return labels
+    return reader
+
+
+def _label_problem(name: str, rows: list[tuple[str, str]]) -> str:
+    """The offending rows of one problem, then what a right row holds."""
+    text = offenders(name, [where for where, _ in rows])
+    if name == "unknown class":
+        return f"{text}: the class must be RG or NRG (or 1 or 0)"
+    if name == "duplicate id":
+        return f"{text}: each image takes one row"
+    if name == "invalid id":
+        with_suffix = [key for _, key in rows if Path(key).suffix.lower() in IMAGE_SUFFIXES]
+        if with_suffix:
+            return (f"{text}: drop the extension, an id is the file name without it "
+                    f"({Path(with_suffix[0]).stem}, not {with_suffix[0]})")
+        return f"{text}: an id is the image file name without folder, extension or spaces (e.g. TRAIN000000)"
+    return f"{text}: use train, val or validation"
 
 
 def find_images(image_dirs: Iterable) -> dict[str, Path]:
@@ -197,7 +241,8 @@ def find_images(image_dirs: Iterable) -> dict[str, Path]:
                 duplicates.append(f"{images[path.stem]} and {path}")
             images.setdefault(path.stem, path)
     if duplicates:
-        raise ShardInputError(_offenders("image ids found twice", duplicates))
+        raise ShardInputError(offenders("image ids found twice", duplicates)
+                              + "; an id is the file name without extension, so keep one image per id")
     return images
 
 
@@ -206,8 +251,8 @@ def match_samples(labels: dict, images: dict[str, Path], skip_missing: bool) -> 
     missing = sorted(set(labels) - set(images))
     unlabelled = sorted(set(images) - set(labels))
     if (missing or unlabelled) and not skip_missing:
-        parts = [_offenders("labelled ids without an image", missing) if missing else "",
-                 _offenders("images not in the labels CSV", [str(images[k]) for k in unlabelled])
+        parts = [offenders("labelled ids without an image", missing) if missing else "",
+                 offenders("images not in the labels CSV", [str(images[k]) for k in unlabelled])
                  if unlabelled else ""]
         raise ShardInputError("; ".join(p for p in parts if p) + " (--skip-missing ignores them)")
     folders: dict[str, set[Path]] = {}
@@ -218,7 +263,7 @@ def match_samples(labels: dict, images: dict[str, Path], skip_missing: bool) -> 
         samples.append(Sample(key, str(images[key]), parent.name, labels[key][0]))
     clashes = [f"{name}: {sorted(map(str, paths))}" for name, paths in folders.items() if len(paths) > 1]
     if clashes:
-        raise ShardInputError(_offenders("source folder names used by several folders", clashes))
+        raise ShardInputError(offenders("source folder names used by several folders", clashes))
     if not samples:
         raise ShardInputError("no labelled image found")
     return samples, {"missing_images": len(missing), "unlabelled_images": len(unlabelled)}
@@ -271,26 +316,48 @@ def write_shard(plan: ShardPlan, out_dir: Path, options: BuildOptions) -> dict:
     if reusable:
         return {**reusable, "reused": True}
     temporary = out_dir / PARTS / f"{plan.name}.tmp"
-    members, rejected = {}, []
+    members, rejected, degenerate = {}, [], []
     with open(temporary, "wb") as stream:
         with wds.TarWriter(stream, mtime=0, user="", group="") as writer:
             for sample in plan.samples:
                 try:
-                    writer.write(encode_sample(sample, options.size, options.quality))
-                    members[sample.key] = sample
+                    encoded = encode_sample(sample, options.size, options.quality)
                 except BadImageError as error:
                     rejected.append({"id": sample.key, "path": sample.path, "reason": str(error)})
+                    continue
+                writer.write(encoded)
+                members[sample.key] = sample
+                degenerate += _degenerate(sample, json.loads(encoded["json"])["original_size"])
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(temporary, out_dir / plan.name)
-    sidecar = _sidecar(plan, out_dir / plan.name, members, rejected)
+    sidecar = {**_sidecar(plan, out_dir / plan.name, members, rejected), "degenerate": degenerate}
     _write_json_atomic(sidecar_path, sidecar)
     return {**sidecar, "reused": False}
 
 
+def _degenerate(sample: Sample, original_size: list[int]) -> list[dict]:
+    """[record] when the image is far from a fundus photograph's shape (MAX_ASPECT_RATIO), else []."""
+    ratio = max(original_size) / max(1, min(original_size))
+    if ratio <= MAX_ASPECT_RATIO:
+        return []
+    return [{"id": sample.key, "path": sample.path, "original_size": original_size, "aspect_ratio": round(ratio, 2)}]
+
+
 def verify(out_dir) -> tuple[list[str], list[str]]:
-    """Re-hash and decode every shard against the manifest: (report lines, problems)."""
+    """Re-hash and decode every shard against the manifest: (report lines, problems).
+
+    Raises ShardInputError for a folder that holds no build, UnfinishedBuildError for one whose build stopped.
+    """
     out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ShardInputError(f"{out_dir}: not a folder")
+    unfinished = unfinished_build(out_dir)
+    if unfinished:
+        raise UnfinishedBuildError(f"{out_dir}: {unfinished}")
+    if not (out_dir / "manifest.json").is_file():
+        raise ShardInputError(f"{out_dir}: no manifest.json: not a shard folder built by shards/build.py, "
+                              "the only kind verify can check")
     manifest = read_manifest(out_dir)
     size = manifest["preprocessing"]["size"]
     lines, problems = [], []
@@ -305,6 +372,20 @@ def verify(out_dir) -> tuple[list[str], list[str]]:
     if in_shards != len(manifest["samples"]):
         problems.append(f"manifest lists {len(manifest['samples'])} samples, its shards {in_shards}")
     return lines, problems
+
+
+def unfinished_build(out_dir) -> str | None:
+    """Why `out_dir` holds an unfinished shards/build.py build (for verify and the training preflight), or None.
+
+    Only the builder's own traces count (.parts/), so shards written by other WebDataset tools pass.
+    """
+    out_dir = Path(out_dir)
+    has_manifest = (out_dir / "manifest.json").exists()
+    if not has_manifest and (out_dir / PARTS).is_dir():
+        return f"no manifest: {_NOT_FINISHED}"
+    if has_manifest and (out_dir / PARTS / UNFINISHED_MARKER).exists():
+        return f"manifest.json is an earlier build's: {_NOT_FINISHED}"
+    return None
 
 
 def _verify_shard(path: Path, shard: dict, records: dict, size: int) -> list[str]:
@@ -323,7 +404,7 @@ def _verify_shard(path: Path, shard: dict, records: dict, size: int) -> list[str
                         f"manifest says {shard['samples']} / {shard['positives']}")
     misplaced = [k for k in keys if records.get(k, {}).get("shard") != shard["name"]]
     if misplaced:
-        problems.append(_offenders("samples the manifest places elsewhere", misplaced))
+        problems.append(offenders("samples the manifest places elsewhere", misplaced))
     return problems
 
 
@@ -390,13 +471,14 @@ def _write_job(job) -> dict:
 
 def _manifest(fingerprint: dict, split: dict, sharding: dict, sidecars: list[dict], skipped: dict) -> dict:
     totals = {split: {"samples": 0, "positives": 0} for split in ("train", "val")}
-    samples, rejected = {}, []
+    samples, rejected, degenerate = {}, [], []
     for sidecar in sidecars:
         totals[sidecar["split"]]["samples"] += sidecar["samples"]
         totals[sidecar["split"]]["positives"] += sidecar["positives"]
         samples.update({key: {"split": sidecar["split"], "source_dir": source_dir, "shard": sidecar["name"]}
                         for key, source_dir in sidecar["members"].items()})
         rejected += sidecar["rejected"]
+        degenerate += sidecar.get("degenerate", [])
     shard_fields = ("name", "split", "samples", "positives", "bytes", "sha256", "keys_sha256")
     return {
         "format": FORMAT,
@@ -407,6 +489,7 @@ def _manifest(fingerprint: dict, split: dict, sharding: dict, sidecars: list[dic
         "totals": totals,
         "samples": dict(sorted(samples.items())),
         "rejected": sorted(rejected, key=lambda r: r["id"]),
+        "degenerate": sorted(degenerate, key=lambda r: r["id"]),
         "skipped": skipped,
     }
 
@@ -464,7 +547,7 @@ def _samples_per_shard(samples: list[Sample], options: BuildOptions) -> int:
 def _val_stratified(samples: list[Sample], val_fraction: float, seed: int) -> dict[str, bool]:
     """Per class, a seeded round(val_fraction * class size) of the keys go to val."""
     is_val = {}
-    for label in sorted(CLASSES.values()):
+    for label in LABELS:
         keys = sorted(s.key for s in samples if s.label == label)
         order = np.random.default_rng([seed, label]).permutation(len(keys))
         val_count = round(val_fraction * len(keys))
@@ -477,7 +560,7 @@ def _val_by_dirs(samples: list[Sample], val_dirs: tuple[str, ...]) -> dict[str, 
     parents = {s.key: Path(s.path).parent.resolve() for s in samples}
     empty = sorted(str(d) for d in held_out if d not in set(parents.values()))
     if empty:
-        raise ShardInputError(_offenders("--val-dirs holding no labelled image", empty))
+        raise ShardInputError(offenders("--val-dirs holding no labelled image", empty))
     return {key: parent in held_out for key, parent in parents.items()}
 
 
@@ -501,6 +584,7 @@ def _check_out_dir(out_dir: Path, csv_sha256: str, options: BuildOptions) -> Non
 def _prepare_out_dir(out_dir: Path, plans: list[ShardPlan]) -> None:
     """Create OUT, drop temporaries of a killed run and shards the current plan no longer has."""
     (out_dir / PARTS).mkdir(parents=True, exist_ok=True)
+    (out_dir / PARTS / UNFINISHED_MARKER).write_text("shards/build.py is writing this folder\n")
     for temporary in [*(out_dir / PARTS).glob("*.tmp"), *out_dir.glob("manifest.json.tmp")]:
         temporary.unlink()
     planned = {plan.name for plan in plans}
@@ -517,7 +601,7 @@ def _too_many(rejected: list[dict], total: int, options: BuildOptions) -> str:
             f"{options.max_rejected_fraction} allows; first: {first['path']} ({first['reason']})")
 
 
-def _offenders(what: str, items: list[str]) -> str:
+def offenders(what: str, items: list[str]) -> str:
     shown = ", ".join(items[:SHOWN]) + (", ..." if len(items) > SHOWN else "")
     return f"{len(items)} {what} ({shown})"
 

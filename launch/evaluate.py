@@ -4,62 +4,173 @@
     python launch/evaluate.py --model model.safetensors --images DIR --labels labels.csv --out eval/
 
 Writes report.json (alpha, beta, AUC with bootstrap 95% intervals, the confusion matrix at the
-export's threshold), roc.png and predictions.csv.
+export's threshold, the images skipped), roc.png and predictions.csv, whose columns are
+id,label,likelihood,referable_glaucoma,error. --labels is read as shards/build.py reads it
+(challenge_id,class with RG/NRG or 1/0); an image is labelled by its file name without extension.
+Exit codes: 0 every image scored; 1 no metric (the scored images hold one class only) or a shard
+unreadable; 2 bad input, nothing written; 3 finished, some images unreadable (named on stderr and in
+the CSV's error column).
 """
 
 import argparse
-import csv
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dist_train import metrics  # noqa: E402
-from dist_train.evaluate import write_predictions  # noqa: E402
-from dist_train.inference import Predictor  # noqa: E402
+from dist_train.cli_help import ArgumentParser  # noqa: E402
+from dist_train.data import DataError, split_counts  # noqa: E402
+from dist_train.evaluate import Scores, write_predictions  # noqa: E402
+from dist_train.inference import InputError, Predictor  # noqa: E402
+from dist_train.predict_cli import (  # noqa: E402
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    add_common_arguments,
+    check_common,
+    check_out_folder,
+    counts,
+    epilog,
+    exit_code,
+    load_predictor,
+    progress_mode,
+    report_skipped,
+    resolve_shards,
+)
+from dist_train.sharding import ShardInputError, find_images, offenders, read_labels  # noqa: E402
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+WRITTEN = ("report.json", "roc.png", "predictions.csv")
+
+
+@dataclass
+class LabelledImages:
+    """The images to evaluate (id -> path), their labels, and what was left out and why."""
+
+    images: dict
+    labels: dict
+    skipped: dict = field(default_factory=dict)
+    unlabelled_warning: str = ""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__.splitlines()[0],
+                            epilog=epilog({EXIT_FAILED: "no metric (the scored images hold one class only) or a "
+                                                        "shard unreadable; nothing written"}))
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", help="labelled WebDataset shards, a glob or brace pattern (quote it)")
+    source.add_argument("--images", type=Path, help="folder of fundus images (searched recursively); needs --labels")
+    parser.add_argument("--labels", type=Path,
+                        help="challenge_id,class CSV (RG/NRG or 1/0) for --images (no default: required with --images)")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="evaluate the images that have a row in --labels and name the others, "
+                             "instead of refusing (as shards/build.py --skip-missing)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for report.json, roc.png, predictions.csv")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap resamples for the 95%% intervals, 0 for none (default: %(default)s)")
+    add_common_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--shards")
-    parser.add_argument("--images", type=Path)
-    parser.add_argument("--labels", type=Path, help="challenge_id,class CSV (RG/NRG) for --images")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--bootstrap", type=int, default=1000)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    if bool(args.shards) == bool(args.images) or (args.images and not args.labels):
-        print("error: give --shards URL, or --images DIR with --labels CSV", file=sys.stderr)
-        return 2
-    predictor = Predictor.load(args.model, args.device)
-    scores = predictor.score_shards(args.shards) if args.shards else _score_folder(predictor, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = metrics.compute_all(scores.labels, scores.scores, bootstrap=args.bootstrap)
+    args = parse_args(argv)
+    try:
+        check_common(args)
+        source = _checked_source(args)
+        check_out_folder(args.out, WRITTEN, args.overwrite)
+        predictor = load_predictor(args)
+    except (InputError, ShardInputError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if isinstance(source, LabelledImages) and source.unlabelled_warning:
+        print(source.unlabelled_warning, file=sys.stderr)
+    try:
+        scores = _score(predictor, source, args)
+    except DataError as error:
+        print(f"error: {error}; nothing written", file=sys.stderr)
+        return EXIT_FAILED
+    report_skipped(scores)
+    if len(set(scores.labels)) < 2:
+        print(f"error: {counts(scores)}; the scored images hold one class only, so no metric is defined",
+              file=sys.stderr)
+        return EXIT_FAILED
+    report = _write_outputs(args.out, predictor, scores, source, args.bootstrap)
+    print(json.dumps({k: report[k] for k in ("alpha", "beta", "auc", "n", "positives")}, default=float))
+    print(f"wrote {', '.join(WRITTEN)} to {args.out}: {counts(scores)}")
+    return exit_code(scores)
+
+
+def _checked_source(args: argparse.Namespace):
+    """Shard URLs, or the labelled images, each checked to hold both classes."""
+    if args.shards:
+        if args.labels:
+            raise InputError(f"--labels {args.labels}: shards carry their labels; give --labels with --images only")
+        urls = resolve_shards(args.shards)
+        totals = split_counts(urls, "auto")
+        _check_both_classes(f"--shards {args.shards}", totals.samples, totals.positives)
+        return urls
+    if not args.labels:
+        raise InputError(f"--images {args.images}: give the labels CSV with --labels (challenge_id,class)")
+    return labelled_images(args.images, args.labels, args.skip_missing)
+
+
+def labelled_images(root: Path, labels_csv: Path, skip_missing: bool) -> LabelledImages:
+    """Images under root paired with their CSV rows by file name, by the shard builder's reader and rules."""
+    by_name = find_images([root])
+    if not by_name:
+        raise InputError(f"--images {root}: no .jpg, .jpeg or .png files under it")
+    labels = read_labels(labels_csv)
+    unlabelled = sorted(str(path) for name, path in by_name.items() if name not in labels)
+    if unlabelled and not skip_missing:
+        raise InputError(f"--images {root}: " + offenders(f"images have no row in --labels {labels_csv}", unlabelled)
+                         + "; add their rows, or pass --skip-missing to evaluate the rest")
+    kept = {_image_id(root, path): path for name, path in by_name.items() if name in labels}
+    result = LabelledImages(kept, {key: labels[path.stem][0] for key, path in kept.items()},
+                            {"unlabelled_images": len(unlabelled),
+                             "labelled_ids_without_image": len(set(labels) - set(by_name))})
+    if unlabelled:
+        result.unlabelled_warning = "warning: " + offenders(
+            f"images under {root} have no row in --labels {labels_csv}, not evaluated", unlabelled)
+    _check_both_classes(f"--labels {labels_csv}", len(kept), sum(result.labels.values()))
+    return result
+
+
+def _image_id(root: Path, path: Path) -> str:
+    """The image's path under --images without extension: the id predict.py writes for the same image."""
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def _check_both_classes(what: str, samples: int, positives: int) -> None:
+    if samples and 0 < positives < samples:
+        return
+    only = "RG" if positives else "NRG"
+    raise InputError(f"{what}: all {samples} samples to evaluate are {only}; the metrics need both RG and NRG")
+
+
+def _score(predictor: Predictor, source, args: argparse.Namespace) -> Scores:
+    mode = progress_mode(args.progress)
+    if isinstance(source, list):
+        return predictor.score_shards(source, split_counts(source, "auto").samples, args.batch_size, progress=mode)
+    scores = predictor.score_images(source.images, args.batch_size, mode)
+    scores.labels = [source.labels[key] for key in scores.keys]
+    return scores
+
+
+def _write_outputs(out: Path, predictor: Predictor, scores: Scores, source, bootstrap: int) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    report = metrics.compute_all(scores.labels, scores.scores, bootstrap=bootstrap)
     threshold = predictor.meta.get("threshold")
     if threshold is not None:
         report["at_export_threshold"] = {"threshold": threshold,
                                          **metrics.confusion_at(scores.labels, scores.scores, threshold)}
-    (args.out / "report.json").write_text(json.dumps(report, indent=2, default=float))
-    metrics.plot_roc(scores.labels, scores.scores, args.out / "roc.png")
-    write_predictions(args.out / "predictions.csv", scores)
-    print(json.dumps({k: report[k] for k in ("alpha", "beta", "auc", "n", "positives")}, default=float))
-    return 0
-
-
-def _score_folder(predictor: Predictor, args):
-    labels = {}
-    with open(args.labels, newline="") as handle:
-        for row in csv.DictReader(handle):
-            labels[row["challenge_id"]] = 1 if row["class"].strip().upper() == "RG" else 0
-    paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in labels)
-    pre = predictor.meta["preprocess"]
-    scores = predictor.score_images(paths, pre.get("shard_size") or 512, pre.get("shard_quality") or 95)
-    scores.labels = [labels[key] for key in scores.keys]
-    return scores
+    report["rejected"] = [{"id": key, "path": where, "reason": reason} for where, key, reason in scores.bad]
+    if isinstance(source, LabelledImages):
+        report["skipped"] = source.skipped
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    metrics.plot_roc(scores.labels, scores.scores, out / "roc.png")
+    write_predictions(out / "predictions.csv", scores, threshold)
+    return report
 
 
 if __name__ == "__main__":

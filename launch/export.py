@@ -3,22 +3,30 @@
     python launch/export.py runs/demo --out runs/demo/export/model.safetensors
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dist_train.checkpoint import CheckpointError  # noqa: E402
+from dist_train.cli_help import ArgumentParser, exit_codes  # noqa: E402
 from dist_train.inference import export  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", type=Path, help="run directory or checkpoint folder")
-    parser.add_argument("--out", type=Path, help="default: <run>/export/model.safetensors")
+    parser = ArgumentParser(description=__doc__.splitlines()[0],
+                            epilog=exit_codes({0: "exported",
+                                               2: "bad input (no checkpoint, a wrong --out), nothing written"}))
+    parser.add_argument("source", type=Path,
+                        help="run directory (its best, else latest checkpoint) or checkpoint folder")
+    parser.add_argument("--out", type=Path,
+                        help="the .safetensors to write, its .json beside it (default: <run>/export/model.safetensors)")
     args = parser.parse_args(argv)
     out = args.out or (args.source / "export" / "model.safetensors")
+    if out.is_dir() or out.suffix != ".safetensors":
+        print(f"error: --out {out}: give a file name ending in .safetensors (its .json goes beside it), "
+              f"e.g. {out / 'model.safetensors' if out.is_dir() else out.with_suffix('.safetensors')}", file=sys.stderr)
+        return 2
     try:
         path = export(args.source, out)
     except (CheckpointError, FileNotFoundError) as error:

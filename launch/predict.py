@@ -1,9 +1,13 @@
-"""Score fundus images with an exported model: one CSV row per image (id, likelihood, decision).
+"""Score fundus images with an exported model: one CSV row per image.
 
     python launch/predict.py --model runs/demo/export/model.safetensors --images DIR --out predictions.csv
     python launch/predict.py --model runs/demo --shards 'data/shards/x/val-*.tar' --out predictions.csv
 
-Preprocessing (crop, resize, CLAHE), TTA and the decision threshold come from the export.
+CSV columns: id,label,likelihood,referable_glaucoma,error. id is the image's path under --images
+without extension (a shard's sample key for --shards); label is empty; referable_glaucoma is 1/0 at the
+export's threshold. An unreadable image is skipped: named on stderr, a row with an empty likelihood and
+the reason in error. Preprocessing (crop, resize, CLAHE), TTA and the threshold come from the export.
+Exit codes: 0 every image scored; 1 a shard unreadable; 2 bad input, nothing written; 3 some images skipped.
 """
 
 import argparse
@@ -12,45 +16,64 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dist_train.inference import Predictor, write_prediction_csv  # noqa: E402
+from dist_train.cli_help import ArgumentParser  # noqa: E402
+from dist_train.data import DataError, split_counts  # noqa: E402
+from dist_train.evaluate import Scores, write_predictions  # noqa: E402
+from dist_train.inference import InputError, Predictor, list_images  # noqa: E402
+from dist_train.predict_cli import (  # noqa: E402
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    add_common_arguments,
+    check_common,
+    check_out_file,
+    counts,
+    epilog,
+    exit_code,
+    load_predictor,
+    progress_mode,
+    report_skipped,
+    resolve_shards,
+)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__.splitlines()[0],
+                            epilog=epilog({EXIT_FAILED: "a shard could not be read at all, nothing written"}))
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="folder of fundus images (.jpg/.jpeg/.png, searched recursively)")
+    source.add_argument("--shards", help="WebDataset shards, a glob or brace pattern (quote it)")
+    parser.add_argument("--out", type=Path, required=True, help="the CSV to write")
+    add_common_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="model.safetensors or a run directory")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", type=Path, help="folder of fundus images (searched recursively)")
-    source.add_argument("--shards", help="WebDataset URL of shards")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
-        predictor = Predictor.load(args.model, args.device)
-    except (FileNotFoundError, ValueError) as error:
+        check_common(args)
+        check_out_file(args.out, args.overwrite)
+        source = resolve_shards(args.shards) if args.shards else list_images(args.images)
+        predictor = load_predictor(args)
+    except InputError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.shards:
-        scores = predictor.score_shards(args.shards, args.batch_size)
-    else:
-        paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            print(f"error: no images under {args.images}", file=sys.stderr)
-            return 2
-        pre = predictor.meta["preprocess"]
-        scores = predictor.score_images(paths, pre.get("shard_size") or 512, pre.get("shard_quality") or 95,
-                                        args.batch_size)
-    write_prediction_csv(args.out, scores, predictor.meta.get("threshold"))
-    print(f"wrote {len(scores.keys)} predictions to {args.out}")
-    return 0
+        return EXIT_BAD_INPUT
+    try:
+        scores = _score(predictor, source, args)
+    except DataError as error:
+        print(f"error: {error}; nothing written", file=sys.stderr)
+        return EXIT_FAILED
+    report_skipped(scores)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_predictions(args.out, scores, predictor.meta.get("threshold"), labelled=False)
+    print(f"wrote {len(scores.keys) + len(scores.bad)} rows to {args.out}: {counts(scores)}")
+    return exit_code(scores)
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def _score(predictor: Predictor, source: list[str] | dict[str, Path], args: argparse.Namespace) -> Scores:
+    mode = progress_mode(args.progress)
+    if isinstance(source, list):
+        return predictor.score_shards(source, split_counts(source, "auto").samples, args.batch_size, progress=mode)
+    return predictor.score_images(source, args.batch_size, mode)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python shards/build.py verify OUT
 
 Re-running the same build command resumes: complete shards are kept, the rest rebuilt.
-Exit codes: 0 ok, 1 too many unreadable images or a failed verify, 2 bad input.
+Exit codes: 0 ok, 1 too many unreadable images or a failed or unfinished verify, 2 bad input.
 """
 
 from __future__ import annotations
@@ -15,33 +15,51 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dist_train.cli_help import ArgumentParser, exit_codes  # noqa: E402
 from dist_train.sharding import (  # noqa: E402
+    MAX_ASPECT_RATIO,
     BuildOptions,
     ShardInputError,
     TooManyRejectedError,
+    UnfinishedBuildError,
     build,
     verify,
 )
 
+BUILD_EXIT_CODES = exit_codes({0: "built (or resumed to the end)",
+                               1: "more unreadable images than --max-rejected-fraction allows",
+                               2: "bad input, caught before any shard is written"})
+VERIFY_EXIT_CODES = exit_codes({0: "every shard matches the manifest",
+                                1: "a shard differs or is missing, or the build did not finish",
+                                2: "not a shard folder built by shards/build.py"})
+
 
 def parse_build_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Preprocess fundus images into train/val WebDataset shards.")
+    parser = ArgumentParser(
+        description="Preprocess fundus images into train/val WebDataset shards. "
+                    "`shards/build.py verify OUT` re-hashes and decodes a finished build.",
+        epilog=BUILD_EXIT_CODES)
     parser.add_argument("--images", nargs="+", required=True, help="image folders, searched recursively")
-    parser.add_argument("--labels", required=True, help="CSV with challenge_id,class (RG/NRG)")
+    parser.add_argument("--labels", required=True,
+                        help="CSV with challenge_id,class: ids without extension, classes RG/NRG or 1/0")
     parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
-    parser.add_argument("--size", type=int, default=512, help="side of the stored square image")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of the stored image")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--size", type=int, default=512, help="side of the stored square image (default: %(default)s)")
+    parser.add_argument("--quality", type=int, default=95,
+                        help="JPEG quality of the stored image (default: %(default)s)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
     parser.add_argument("--max-shard-bytes", type=int, default=None,
-                        help="target shard size; samples per shard estimated from a probe")
-    parser.add_argument("--workers", type=int, default=2, help="processes writing shards")
+                        help="target shard size; samples per shard estimated from a probe "
+                             "(default: none, --shard-size decides)")
+    parser.add_argument("--workers", type=int, default=2, help="processes writing shards (default: %(default)s)")
     split = parser.add_mutually_exclusive_group()
-    split.add_argument("--val-fraction", type=float, default=0.2, help="stratified random validation share")
-    split.add_argument("--split-column", help="CSV column holding train/val")
-    split.add_argument("--val-dirs", nargs="+", default=(), help="image folders held out as validation")
-    parser.add_argument("--seed", type=int, default=0)
+    split.add_argument("--val-fraction", type=float, default=0.2,
+                       help="stratified random validation share (default: %(default)s)")
+    split.add_argument("--split-column", help="CSV column holding train/val (default: none, a random split)")
+    split.add_argument("--val-dirs", nargs="+", default=(),
+                       help="image folders held out as validation (default: none, a random split)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and shard order (default: %(default)s)")
     parser.add_argument("--max-rejected-fraction", type=float, default=0.01,
-                        help="unreadable images tolerated before the build fails")
+                        help="unreadable images tolerated before the build fails (default: %(default)s)")
     parser.add_argument("--skip-missing", action="store_true",
                         help="ignore labelled ids without an image and images without a label")
     args = parser.parse_args(argv)
@@ -69,6 +87,8 @@ def run_build(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(summary(report, args.out))
+    if report.manifest["degenerate"]:
+        print(degenerate_warning(report.manifest["degenerate"]), file=sys.stderr)
     return 0
 
 
@@ -79,7 +99,8 @@ def summary(report, out: str) -> str:
              for split, t in manifest["totals"].items()]
     processed = sum(t["samples"] for t in manifest["totals"].values()) + len(manifest["rejected"])
     lines = [f"{out}: " + ", ".join(parts),
-             f"rejected {len(manifest['rejected'])}, skipped {manifest['skipped']}; "
+             f"rejected {len(manifest['rejected'])}, skipped {manifest['skipped']['missing_images']} labelled ids "
+             f"without an image and {manifest['skipped']['unlabelled_images']} images without a label; "
              f"{report.written} shards written, {report.reused} reused; "
              f"{report.seconds:.1f} s ({processed / max(report.seconds, 1e-9):.1f} images/s)"]
     lines += [f"rejected {r['path']}: {r['reason']}" for r in manifest["rejected"][:10]]
@@ -88,12 +109,27 @@ def summary(report, out: str) -> str:
     return "\n".join(lines)
 
 
+def degenerate_warning(records: list[dict]) -> str:
+    """One line: the images stored although their shape is far from a fundus photograph's."""
+    shown = ", ".join(f"{r['path']} ({r['original_size'][0]}x{r['original_size'][1]})" for r in records[:5])
+    more = f" and {len(records) - 5} more" if len(records) > 5 else ""
+    return (f"warning: {len(records)} images have an aspect ratio beyond {MAX_ASPECT_RATIO:g}:1, stored but "
+            f"probably not fundus photographs (listed under 'degenerate' in manifest.json): {shown}{more}")
+
+
 def run_verify(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="build.py verify", description="Re-hash and decode built shards.")
+    parser = ArgumentParser(prog="build.py verify", description="Re-hash and decode built shards.",
+                            epilog=VERIFY_EXIT_CODES)
     parser.add_argument("out", help="shard folder holding manifest.json")
     args = parser.parse_args(argv)
     try:
         lines, problems = verify(args.out)
+    except UnfinishedBuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except ShardInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as error:
         print(f"error: {args.out}: {error}", file=sys.stderr)
         return 2

@@ -24,8 +24,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from dist_train.sharding import read_manifest, split_totals
+from dist_train.sharding import read_manifest, split_totals, unfinished_build
 from dist_train.synthetic import generate
+
+from conftest import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -230,8 +232,9 @@ def test_missing_labels_file_or_images_folder_exit_2(labels, tmp_path):
 def test_skip_missing_builds_the_rest_and_counts_what_it_skipped(labels, tmp_path):
     loose_csv = tmp_path / "labels.csv"
     loose_csv.write_text(edit_csv(labels, "unlabelled_image") + "TRAIN999999,NRG\n")
-    code, _, stderr = build_into(tmp_path / "out", loose_csv, "--skip-missing", images=[labels.parent])
+    code, stdout, stderr = build_into(tmp_path / "out", loose_csv, "--skip-missing", images=[labels.parent])
     assert code == 0, stderr
+    assert "skipped 1 labelled ids without an image and 1 images without a label" in stdout
     manifest = read_manifest(tmp_path / "out")
     assert manifest["skipped"] == {"missing_images": 1, "unlabelled_images": 1}
     assert len(manifest["samples"]) == 59 and "TRAIN000059" not in manifest["samples"]
@@ -309,11 +312,7 @@ build([{images!r}], {labels!r}, {out!r}, options, on_shard_done=kill_after_first
 
 def test_killed_build_resumes_to_the_uninterrupted_result(built, labels, tmp_path):
     out = tmp_path / "out"
-    script = KILLED_BUILD.format(root=str(ROOT), size=SIZE, images=str(labels.parent), labels=str(labels),
-                                 out=str(out))
-    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], start_new_session=True,
-                            capture_output=True, timeout=120)
-    assert killed.returncode == -9, killed.stderr.decode()
+    kill_build_after_first_shard(labels, out)
     assert not (out / "manifest.json").exists()
     completed = {p.name.removesuffix(".json") for p in (out / ".parts").glob("*.tar.json")}
     assert completed and completed < set(shard_digests(built))
@@ -325,6 +324,62 @@ def test_killed_build_resumes_to_the_uninterrupted_result(built, labels, tmp_pat
     assert read_manifest(out) == read_manifest(built)
     assert shard_digests(out) == shard_digests(built)
     assert not list(out.rglob("*.tmp"))
+
+
+def kill_build_after_first_shard(labels: Path, out: Path) -> None:
+    script = KILLED_BUILD.format(root=str(ROOT), size=SIZE, images=str(labels.parent), labels=str(labels),
+                                 out=str(out))
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], start_new_session=True,
+                            capture_output=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr.decode()
+
+
+UNFINISHED = "no manifest: the build did not finish; rerun the same build command to resume"
+
+
+def test_verify_tells_an_unfinished_build(labels, tmp_path):
+    kill_build_after_first_shard(labels, tmp_path / "out")
+    assert list((tmp_path / "out").glob("*.tar")) and not (tmp_path / "out" / "manifest.json").exists()
+    code, stdout, stderr = run_cli("verify", tmp_path / "out")
+    assert code == 1 and stderr.strip() == f"error: {tmp_path / 'out'}: {UNFINISHED}", stderr
+
+
+def test_verify_tells_a_rebuild_that_did_not_finish_over_an_old_manifest(built, labels, tmp_path):
+    """A rerun killed midway leaves the previous run's manifest: verify must not call the folder OK."""
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    kill_build_after_first_shard(labels, copy)
+    code, stdout, stderr = run_cli("verify", copy)
+    assert code == 1 and "the build did not finish; rerun the same build command to resume" in stderr, stderr
+    assert build_into(copy, labels)[0] == 0
+    assert run_cli("verify", copy)[0] == 0
+
+
+def test_verify_of_a_folder_without_a_build_exits_2(tmp_path):
+    code, _, stderr = run_cli("verify", tmp_path)
+    assert code == 2 and "no manifest.json" in stderr and "shards/build.py" in stderr, stderr
+    write_shards(tmp_path / "other_tool", "train", [4])
+    assert unfinished_build(tmp_path / "other_tool") is None, "shards from another tool are not a failed build"
+    code, _, stderr = run_cli("verify", tmp_path / "other_tool")
+    assert code == 2 and "no manifest.json" in stderr, stderr
+    code, _, stderr = run_cli("verify", tmp_path / "nowhere")
+    assert code == 2 and "not a folder" in stderr, stderr
+
+
+def test_degenerate_images_are_stored_with_a_warning_and_listed(labels, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(labels.parent, images)
+    strip = images / "0" / "TRAIN000007.jpg"
+    Image.new("RGB", (512, 40), (90, 40, 20)).save(strip, "JPEG")
+    code, stdout, stderr = build_into(tmp_path / "out", images / "labels.csv")
+    assert code == 0, stderr
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(strip) in warnings[0] and "512x40" in warnings[0] and "2:1" in warnings[0]
+    manifest = read_manifest(tmp_path / "out")
+    assert [(d["id"], d["original_size"]) for d in manifest["degenerate"]] == [("TRAIN000007", [512, 40])]
+    assert "TRAIN000007" in manifest["samples"]
+    code, _, stderr = build_into(tmp_path / "out", images / "labels.csv")
+    assert code == 0 and "512x40" in stderr, "a resumed build warns again from its sidecars"
 
 
 def test_max_shard_bytes_caps_every_shard(labels, tmp_path):

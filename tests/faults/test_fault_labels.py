@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ GOOD_ROWS = "TRAIN000001,NRG\nTRAIN000002,RG\nTRAIN000003,NRG\nTRAIN000004,NRG\n
 
 BAD_CSVS = {
     "unknown_class": ("challenge_id,class\n" + GOOD_ROWS.replace("TRAIN000002,RG", "TRAIN000002,GLAUCOMA"),
-                      ("unknown class", "line 3", "TRAIN000002", "GLAUCOMA")),
+                      ("unknown class", "line 3", "TRAIN000002", "GLAUCOMA", "RG or NRG (or 1 or 0)")),
     "duplicate_id": ("challenge_id,class\n" + GOOD_ROWS + "TRAIN000003,RG\n",
                      ("duplicate id", "line 6", "TRAIN000003")),
     "missing_image": ("challenge_id,class\n" + GOOD_ROWS + "TRAIN000009,RG\n",
@@ -33,7 +34,10 @@ BAD_CSVS = {
     "empty_file": ("", ("empty file",)),
     "wrong_header": ("id,label\n" + GOOD_ROWS, ("wrong header", "challenge_id", "class")),
     "header_only": ("challenge_id,class\n", ("no rows",)),
-    "invalid_id": ("challenge_id,class\n" + GOOD_ROWS + "../TRAIN000005,RG\n", ("invalid id", "../TRAIN000005")),
+    "invalid_id": ("challenge_id,class\n" + GOOD_ROWS + "../TRAIN000005,RG\n",
+                   ("invalid id", "../TRAIN000005", "without folder")),
+    "id_with_extension": ("challenge_id,class\n" + GOOD_ROWS.replace("TRAIN000004,", "TRAIN000004.jpg,"),
+                          ("invalid id", "TRAIN000004.jpg", "drop the extension", "TRAIN000004,")),
 }
 
 
@@ -83,3 +87,15 @@ def test_the_same_images_build_with_a_valid_csv(images, tmp_path):
     code, stdout, stderr = run_build(images, labels, tmp_path / "shards")
     assert code == 0, stderr
     assert (tmp_path / "shards" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("names", [("0", "1"), ("nrg", "rg")])
+def test_zero_one_and_lower_case_classes_read_as_nrg_rg(images, tmp_path, names):
+    """The AIROGS release writes RG/NRG; 0/1 and lower case mean the same, as evaluate.py reads them too."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("challenge_id,class\n" + GOOD_ROWS.replace("NRG", names[0]).replace(",RG", f",{names[1]}"))
+    code, stdout, stderr = run_build(images, labels, tmp_path / "shards")
+    assert code == 0, stderr
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    positives = sum(totals["positives"] for totals in manifest["totals"].values())
+    assert positives == 1 and len(manifest["samples"]) == 4  # GOOD_ROWS: TRAIN000002 is the one RG
