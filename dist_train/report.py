@@ -1,7 +1,7 @@
 """Run reports and comparisons, read from the files a run leaves behind (or from wandb).
 
 A run directory holds config.yaml (the resolved config), metrics.jsonl (see dist_train.tracking),
-summary.json and, once evaluated, predictions_val.csv (key,label,score). Everything here reads
+summary.json and, once evaluated, predictions_val.csv (`evaluate.PREDICTION_COLUMNS`). Everything here reads
 those files only, so a report can be rebuilt from a copied run directory long after training,
 on a machine without GPUs, wandb or network. The HTML report is one self-contained file (images
 inlined as base64 PNG, no external CSS/JS/URLs) so that it survives being mailed or archived.
@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from dist_train import metrics
+from dist_train.evaluate import PREDICTION_COLUMNS
 from dist_train.tracking import has_wandb_credentials, scrub_secrets
 
 Rows = list[tuple[str, list[Any]]]
@@ -52,6 +53,15 @@ class WandbUnavailable(RuntimeError):
 
 
 # ---------------------------------------------------------------- reading runs
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+"""What a run leaves (config.yaml first, before any step): a folder with none of them is not a run."""
+
+
+def not_run_dirs(paths: list[Path]) -> list[str]:
+    """The paths report.py and compare.py must refuse: a typo'd or empty folder would give an empty report."""
+    return [str(path) for path in paths if not any((Path(path) / name).is_file() for name in RUN_FILES)]
 
 
 def load_run(run_dir: Path) -> RunData:
@@ -85,14 +95,15 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     if not path.is_file():
         return None
+    """(labels, likelihoods) of the scored rows; rows of samples that could not be scored are left out."""
     with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+        rows = [row for row in csv.DictReader(handle) if row.get("likelihood") != ""]
     if not rows:
         return None
     try:
-        return np.array([int(row["label"]) for row in rows]), np.array([float(row["score"]) for row in rows])
+        return np.array([int(row["label"]) for row in rows]), np.array([float(row["likelihood"]) for row in rows])
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path}: expected columns key,label,score with numbers: {error}") from None
+        raise ValueError(f"{path}: expected columns {','.join(PREDICTION_COLUMNS)} with numbers: {error}") from None
 
 
 def load_wandb_runs(project: str, group: str | None = None, tags: list[str] | None = None) -> list[RunData]:

@@ -118,7 +118,8 @@ def sweep_run_name(base: str, combination: list[tuple[str, str]]) -> str:
 
 def plan_submission(config: str | None, overrides: list[str], sweep: list[str], run_name: str | None,
                     job_name: str | None, folder: str | None, resource_options: dict[str, Any]) -> Submission:
-    """Validate the config once per run (ConfigError before anything is submitted) and lay out the job."""
+    """Validate the config and run train.py's preflight once per run (ConfigError before anything is
+    submitted or rendered: a job that cannot start should not wait in the queue to say so) and lay out the job."""
     config_path = str(Path(config).absolute()) if config else None
     base_overrides = list(overrides) + ([f"name={run_name}"] if run_name else [])
     base = load_config(config_path, base_overrides)
@@ -139,6 +140,9 @@ def _plan_run(config_path: str | None, overrides: list[str], base: Config, run_r
     if is_sweep:
         settings.append(f"tracking.wandb.group={base.name}")
     cfg = load_config(config_path, settings)
+    from dist_train.main import preflight  # where train.py's checks live; main is heavy, the job imports it late too
+
+    preflight(cfg, config_path or "<defaults>", settings)
     argv = (["--config", config_path] if config_path else []) + ["--set", *settings]
     return RunPlan(name=name, run_dir=cfg.run_dir, argv=argv)
 
@@ -284,19 +288,6 @@ def wait_until_done(job: submitit.Job, poll_s: float = 3.0) -> None:
     minutes); someone waiting on one job wants to hear promptly of a job that died without a result."""
     while not all(job.task(task).done(force_check=True) for task in range(job.num_tasks)):
         time.sleep(poll_s)
-
-
-def job_error(job: submitit.Job) -> str | None:
-    """None when every task succeeded, else the most telling error (a remote traceback from any task
-    beats "no output" from a task killed because another crashed), then one line per other failed task."""
-    errors = {task: job.task(task).exception() for task in range(job.num_tasks)}
-    failed = {task: error for task, error in errors.items() if error is not None}
-    if not failed:
-        return None
-    tracebacks = [task for task, error in failed.items() if isinstance(error, submitit.core.utils.FailedJobError)]
-    chosen = (tracebacks or list(failed))[0]
-    others = [f"task {task}: {str(error).splitlines()[0]}" for task, error in failed.items() if task != chosen]
-    return "\n".join([str(failed[chosen]), *others])
 
 
 def log_paths(job: submitit.Job) -> tuple[Path, Path]:

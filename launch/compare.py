@@ -12,22 +12,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_train import report  # noqa: E402  (runs from a checkout without installing)
+from dist_train.cli_help import ArgumentParser, exit_codes  # noqa: E402
+
+EXIT_CODES = {0: "table printed", 1: "no wandb run matched",
+              2: "bad input: not a run directory, both or neither of runs and --wandb-project, wandb unavailable"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="launch/compare.py", description=__doc__, epilog=exit_codes(EXIT_CODES))
     parser.add_argument("runs", nargs="*", type=Path, help="run directories (runs/<name>)")
-    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    parser.add_argument("--plot", type=Path, help="write val α and train loss per epoch to this PNG")
-    parser.add_argument("--wandb-project", help="compare the runs of this wandb project (entity/project)")
-    parser.add_argument("--group", help="with --wandb-project: only this group")
-    parser.add_argument("--tags", nargs="+", help="with --wandb-project: runs carrying any of these tags")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table instead of plain text")
+    parser.add_argument("--plot", type=Path, help="write val α and train loss per epoch to this PNG (default: no plot)")
+    parser.add_argument("--wandb-project", help="compare the runs of this wandb project, entity/project "
+                                                "(default: the run directories given)")
+    parser.add_argument("--group", help="with --wandb-project: only this group (default: every group)")
+    parser.add_argument("--tags", nargs="+", help="with --wandb-project: runs carrying any of these tags "
+                                                  "(default: any tags)")
     args = parser.parse_args(argv)
     if bool(args.runs) == bool(args.wandb_project):
         parser.error("give run directories or --wandb-project, not both or neither")
-    missing = [str(run) for run in args.runs if not run.is_dir()]
+    missing = report.not_run_dirs(args.runs)
     if missing:
-        parser.error(f"not a run directory: {', '.join(missing)}")
+        parser.error(f"not a run directory (none of {', '.join(report.RUN_FILES)}): {', '.join(missing)}")
+    if args.plot is not None and args.plot.is_dir():
+        parser.error(f"--plot {args.plot} is a folder: give the PNG file to write, e.g. {args.plot / 'curves.png'}")
     return args
 
 

@@ -10,17 +10,27 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dist_train.report import write_report  # noqa: E402  (runs from a checkout without installing)
+from dist_train.cli_help import ArgumentParser, exit_codes  # noqa: E402  (runs from a checkout without installing)
+from dist_train.report import RUN_FILES, not_run_dirs, write_report  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="launch/report.py", description=__doc__, epilog=exit_codes(
+        {0: "report written", 2: "bad input: not a run directory, or --out is a folder (nothing written)"}))
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (runs/<name>)")
+    parser.add_argument("--out", type=Path, default=Path("report.html"),
+                        help="HTML file to write (replaced if it exists; its folder is created)")
+    args = parser.parse_args(argv)
+    missing = not_run_dirs(args.runs)
+    if missing:
+        parser.error(f"not a run directory (none of {', '.join(RUN_FILES)}): {', '.join(missing)}")
+    if args.out.is_dir():
+        parser.error(f"--out {args.out} is a folder: give the HTML file to write, e.g. {args.out / 'report.html'}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories (runs/<name>)")
-    parser.add_argument("--out", type=Path, default=Path("report.html"), help="HTML file to write")
-    args = parser.parse_args(argv)
-    missing = [str(run) for run in args.runs if not run.is_dir()]
-    if missing:
-        parser.error(f"not a run directory: {', '.join(missing)}")
+    args = parse_args(argv)
     print(write_report(args.runs, args.out))
     return 0
 

@@ -5,22 +5,23 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dist_train.cli_help import ArgumentParser, exit_codes  # noqa: E402
 from dist_train.synthetic import generate  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="shards/synthetic.py", description=__doc__,
+                            epilog=exit_codes({0: "images and labels.csv written", 2: "bad input (nothing written)"}))
     parser.add_argument("--out", required=True, help="folder for <folder>/TRAIN*.jpg and labels.csv")
     parser.add_argument("--n", type=int, required=True, help="number of images")
     parser.add_argument("--positive-rate", type=float, default=0.03, help="fraction labelled RG")
     parser.add_argument("--size", type=int, default=512, help="approximate image height in pixels")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same images")
     parser.add_argument("--folders", type=int, default=1, help="split the images over folders 0..K-1")
     parser.add_argument("--label-noise", type=float, default=0.03,
                         help="fraction of each class drawn with the other class's cup")

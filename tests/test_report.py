@@ -64,8 +64,10 @@ def write_fake_run(root: Path, name: str, *, loss: str, lr: float, bias: float, 
         evaluation = metrics.compute_all(labels, scores)
         tracker.log_eval(step, {"epoch": epoch, "val_loss": float(0.5 - 0.05 * epoch), **evaluation,
                                 "predicted_positives": int((scores >= 0.5).sum())})
-        rows = [f"VAL{index:05d},{label},{float(score)!r}" for index, (label, score) in enumerate(zip(labels, scores))]
-        (run_dir / "predictions_val.csv").write_text("key,label,score\n" + "\n".join(rows) + "\n")
+        rows = [f"VAL{index:05d},{label},{float(score)!r},,"
+                for index, (label, score) in enumerate(zip(labels, scores))]
+        header = "id,label,likelihood,referable_glaucoma,error\n"
+        (run_dir / "predictions_val.csv").write_text(header + "\n".join(rows) + "\n")
     tracker.finish({"wall_time_s": 3725.0 + seed, "images_per_s": 40.5 + seed, "world_size": world_size,
                     "epochs": EPOCHS}, exit_code=0)
     return run_dir

@@ -1,7 +1,7 @@
 """`launch/submit.py` against the real two-node SLURM cluster of tests/slurm/local_cluster.sh.
 
 Start it first: `tests/slurm/local_cluster.sh start && eval "$(tests/slurm/local_cluster.sh env)"`.
-The training jobs (complete, preempted, bad config, crashed rank, a two-run sweep) start together in
+The training jobs (complete, preempted, unreadable shard, crashed rank, a two-run sweep) start together in
 one module fixture (each node offers 4 CPUs, each job takes 1 per node) and the actions that must land
 mid-run (an interrupt, a kill) run in background threads: the slowest job, not the sum, sets the wall
 time.
@@ -137,6 +137,7 @@ def shards(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("slurm_shards")
     write_shards(folder, "train", [48, 48])
     write_shards(folder, "val", [24])
+    (folder / "garbage-000000.tar").write_bytes(b"not a tar archive" * 64)  # exists: passes the preflight
     return folder
 
 
@@ -146,7 +147,7 @@ def runs(shards, tmp_path_factory):
     launched = {
         "complete": launch(run_root, "complete", shards),
         "preempted": launch(run_root, "preempted", shards),
-        "bad_config": launch(run_root, "bad_config", shards, f"data.val_shards={shards}/missing-000000.tar"),
+        "bad_shard": launch(run_root, "bad_shard", shards, f"data.train_shards={shards}/garbage-000000.tar"),
         "crash": launch(run_root, "crash", shards),
         "sweep": launch(run_root, "sweep", shards, "train.epochs=1", options=(
             "--sweep", "optim.lr=1e-3,2e-3", "--nodes", "1", "--tasks-per-node", "1", "--cpus-per-task", "1")),
@@ -175,9 +176,11 @@ def eval_records(run_dir: Path) -> list[dict]:
 # ------------------------------------------------------------------ before any job
 
 
-def test_dry_run_renders_a_script_that_slurm_accepts(tmp_path):
+def test_dry_run_renders_a_script_that_slurm_accepts(tmp_path, shards):
     result = subprocess.run([*SUBMIT, "--config", str(REPO / "configs" / "test_tiny.yaml"), *TWO_NODES,
-                             "--set", f"run_root={tmp_path}", "--dry-run"], capture_output=True, text=True, check=True)
+                             "--set", f"run_root={tmp_path}", f"data.train_shards={shards}/train-000000.tar",
+                             f"data.val_shards={shards}/val-000000.tar", "--dry-run"],
+                            capture_output=True, text=True, check=True)
     script = result.stdout.split("\n# run ")[0]
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=1",
                  "#SBATCH --time=15", "#SBATCH --signal=USR2@90"):
@@ -189,13 +192,18 @@ def test_dry_run_renders_a_script_that_slurm_accepts(tmp_path):
     assert "node[1-2]" in test_only.stderr  # "sbatch: Job N to start at ... on nodes node[1-2] ..."
 
 
-def test_config_error_exits_2_before_submitting(tmp_path):
-    job_name = f"never-{os.getpid()}"
+@pytest.mark.parametrize("bad, named", [(["train.epochs=0"], "train.epochs"),
+                                        (["data.val_shards={shards}/missing-000000.tar"], "missing-000000.tar")],
+                         ids=["bad value", "missing shards"])
+def test_config_error_exits_2_before_submitting(tmp_path, shards, bad, named):
+    """A bad value, and what train.py's preflight refuses (shards that do not exist): no job is queued."""
+    job_name = f"never-{os.getpid()}-{named}"
     result = subprocess.run([*SUBMIT, "--config", str(REPO / "configs" / "test_tiny.yaml"), *TWO_NODES,
-                             "--job-name", job_name, "--set", f"run_root={tmp_path}", "train.epochs=0"],
-                            capture_output=True, text=True)
+                             "--job-name", job_name, "--set", f"run_root={tmp_path}",
+                             f"data.train_shards={shards}/train-000000.tar", f"data.val_shards={shards}/val-000000.tar",
+                             *(item.format(shards=shards) for item in bad)], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and "train.epochs" in result.stderr
+    assert result.stderr.startswith("error: ") and named in result.stderr and len(result.stderr.splitlines()) == 1
     assert not list(tmp_path.iterdir())
     accounting = subprocess.run(["sacct", "-n", "-X", "--name", job_name, "-o", "JobID"], capture_output=True,
                                 text=True, check=True)
@@ -240,18 +248,28 @@ def test_preempted_run_requeues_resumes_and_matches_the_uninterrupted_one(runs):
     assert (resumed / "predictions_val.csv").read_text() == (reference / "predictions_val.csv").read_text()
 
 
-def test_bad_config_inside_the_job_surfaces_the_error(runs):
-    code, _, stderr = runs["bad_config"].finish()
+def status_of(run: Launched) -> subprocess.CompletedProcess:
+    return subprocess.run([*SUBMIT, "status", str(run.run_dir)], capture_output=True, text=True)
+
+
+def test_a_job_failing_inside_is_reported_by_its_error_line(runs):
+    """The shard exists (the preflight passes) but is no tar: --wait and status name the failing rank,
+    dist_train.main's exit code and its error line, not a submitit traceback."""
+    code, _, stderr = runs["bad_shard"].finish()
     assert code == 1
-    assert "failed" in stderr and "missing-000000.tar" in stderr
-    assert "exited with code 2" in stderr
+    first = next(line for line in stderr.splitlines() if line.startswith("error: job "))
+    assert "(exit code 2): cannot read shard" in first and "garbage-000000.tar" in first, stderr
+    assert "Traceback" not in stderr
+    wait_until(lambda: status_of(runs["bad_shard"]).returncode == 1, 30, "status to report the failure")
+    head = status_of(runs["bad_shard"]).stdout.splitlines()[0]
+    assert ": FAILED" in head and "garbage-000000.tar" in head, head
 
 
 def test_crashed_rank_fails_the_job_instead_of_hanging(runs):
     code, _, stderr = runs["crash"].finish()
     assert runs["crash"].actions[0].startswith("killed"), runs["crash"].actions
     assert code == 1
-    assert "failed" in stderr and "task 1" in stderr
+    assert "rank 1: ended without a result" in stderr and "Traceback" not in stderr, stderr
     seconds_to_report = int(runs["crash"].actions[-1].split()[2].rstrip("s"))
     assert seconds_to_report < 60, runs["crash"].actions  # not engine.timeout_s per collective, nor forever
 
