@@ -1,8 +1,12 @@
 """The entry every launcher ends in: parse, validate, start the process group, train, clean up.
 
 `launch/train.py` (torchrun), `launch/submit.py` (submitit/SLURM) and `python -m dist_train.main` all
-call `main(argv)`. The config is validated before any process group starts or any file is written.
+call `main(argv)` and take --config/--set/--resume from `add_run_arguments`, so the options mean the same
+everywhere. The config is validated before any process group starts or any file is written.
 Exit codes: 0 done (or preempted and checkpointed), 1 training failed, 2 bad input.
+
+torch is imported inside the functions that need it: submit.py builds its parser from this module and
+should not pay for torch to print its --help.
 """
 
 from __future__ import annotations
@@ -12,26 +16,77 @@ import fcntl
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
-from dist_train import distributed
+from dist_train import preemption
+from dist_train.cli_help import ArgumentParser, exit_codes
 from dist_train.config import Config, ConfigError, blame_override, load_config, save_config
+from dist_train.resume_check import ResumeRefused, check_resume, has_history, kept_from_checkpoint, move_aside
+from dist_train.summary import format_summary
+
+if TYPE_CHECKING:
+    from dist_train.distributed import DistEnv
 
 log = logging.getLogger("dist_train")
 
+DCP_SINGLE_PROCESS_WARNING = r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to"
+"""DCP's UserWarning at every save and load of a one-process run, which is what a one-process run intends."""
 
-class RunLocked(RuntimeError):
+
+class RunRefused(RuntimeError):
+    """Rank 0 refused the run directory (locked by another job, or a resume it cannot take); exit 2."""
+
+
+class RunLocked(RunRefused):
     """Another job is already writing this run directory."""
 
 
+# ------------------------------------------------------------------ command line
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, resume: bool = True) -> None:
+    """--config, --set and (unless the launcher decides it) --resume, defined once for every command.
+
+    `--set` extends: `--set a=1 --set b=2` applies both, in order, as one `--set a=1 b=2` would.
+    """
+    parser.add_argument("--config", metavar="YAML", help="preset (configs/*.yaml); default: the built-in defaults")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. train.epochs=3; repeat --set freely, all are applied in "
+                             "order (default: none)")
+    if resume:
+        parser.add_argument("--resume", metavar="auto|none|PATH",
+                            help="auto: the run's latest checkpoint, if any; none: start afresh (an earlier run "
+                                 "in the run directory is moved aside to <run_dir>.<timestamp>); PATH: a "
+                                 "checkpoint folder or run directory (default: checkpoint.resume of the config, "
+                                 "auto unless set)")
+
+
+EXIT_CODES = {0: "trained to the end, or preempted and checkpointed (rerun with --resume auto to continue)",
+              1: "training failed (a rank died, a non-finite loss, a health rule, a checkpoint write)",
+              2: "bad input: config, option, shards, weights, a run directory in use, or a resume the "
+                 "checkpoint cannot take"}
+
+
+def build_parser(prog: str = "python -m dist_train.main") -> ArgumentParser:
+    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0], epilog=exit_codes(EXIT_CODES))
+    add_run_arguments(parser)
+    return parser
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dist_train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML preset (configs/*.yaml)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides")
-    parser.add_argument("--resume", default=None,
-                        help="auto (latest checkpoint of the run, if any), none, or a checkpoint path; "
-                             "default: checkpoint.resume from the config")
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
+
+
+def run_argv(args: argparse.Namespace) -> list[str]:
+    """The argv that gives `main` the same --config/--set/--resume as `args` (for the ranks torchrun starts)."""
+    argv = ["--config", args.config] if args.config else []
+    argv += ["--resume", args.resume] if args.resume else []
+    return argv + (["--set", *args.set] if args.set else [])
+
+
+# ------------------------------------------------------------------ the run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,10 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    under_launcher = preemption.installed()  # submitit's TrainingJob installed them and requeues on Preempted
+    if not under_launcher:
+        preemption.install_handlers()  # before any DataLoader worker forks: workers inherit and ignore them
+    from dist_train import distributed
+
     env = distributed.init_distributed(cfg.train.device, cfg.engine.timeout_s, always=cfg.engine.kind == "deepspeed")
     _setup_logging(env)
     try:
-        return _run(cfg, env, args.resume or cfg.checkpoint.resume)
+        return _run(cfg, env, args.resume or cfg.checkpoint.resume, reraise_preempted=under_launcher)
     finally:
         distributed.destroy()
 
@@ -81,17 +141,17 @@ def _preflight(cfg: Config, source: str) -> None:
         raise ConfigError(source, "model.pretrained", str(error).removeprefix("model.pretrained: ")) from None
 
 
-def _run(cfg: Config, env: distributed.DistEnv, resume: str) -> int:
-    from dist_train import checkpoint, preemption
+def _run(cfg: Config, env: DistEnv, resume: str, reraise_preempted: bool) -> int:
+    from dist_train import checkpoint
     from dist_train.data import DataError
     from dist_train.loop import Trainer, TrainingStopped
     from dist_train.model import WeightsError
 
     lock = None
     try:
-        lock, refusal = _lock_on_main(cfg, env)
+        lock, refusal, allowed = _claim_on_main(cfg, env, resume)
         if refusal:  # every rank learns it, so none is left waiting in a collective
-            raise RunLocked(refusal)
+            raise RunRefused(refusal)
         resume_from = checkpoint.resolve_resume(resume, cfg.run_dir)
         trainer = Trainer(cfg, env, resume_from)
         summary = trainer.train()
@@ -99,36 +159,74 @@ def _run(cfg: Config, env: distributed.DistEnv, resume: str) -> int:
             print(format_summary(summary, cfg))
         return 0
     except preemption.Preempted as notice:
-        log.warning("preempted: %s", notice)
-        raise
-    except (RunLocked, checkpoint.CheckpointError, DataError, TrainingStopped, WeightsError) as error:
+        if reraise_preempted:
+            log.warning("preempted: %s", notice)
+            raise
+        if env.is_main:
+            print(preempted_line(notice, cfg.run_dir), file=sys.stderr)
+        return 0
+    except (RunRefused, checkpoint.CheckpointError, DataError, TrainingStopped, WeightsError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2 if isinstance(error, (RunLocked, DataError, WeightsError)) else 1
+        return 2 if isinstance(error, (RunRefused, DataError, WeightsError)) else 1
     finally:
         if lock is not None:
             lock.close()
 
 
-def _lock_on_main(cfg: Config, env: distributed.DistEnv):
-    """Rank 0 takes the run directory's lock and saves the config; every rank gets the lock's verdict."""
-    lock, refusal = None, None
+def preempted_line(notice: BaseException, run_dir: Path) -> str:
+    """What a preempted run that is not requeued by submitit tells the person who reruns it."""
+    latest = run_dir / "checkpoints" / "latest"
+    where = run_dir / "checkpoints" / latest.read_text().strip() if latest.is_file() else run_dir
+    return f"preempted: {notice} ({where}); rerun with --resume auto to continue from it"
+
+
+# ------------------------------------------------------------------ the run directory
+
+
+def _claim_on_main(cfg: Config, env: DistEnv, resume: str) -> tuple[IO[str] | None, str | None, list[str]]:
+    """Rank 0 checks the resume against the checkpoint's config, takes the run directory's lock, moves an
+    earlier run aside for a fresh start and saves the config, in that order, so a refusal changes
+    nothing; every rank gets the verdict (refusal, allowed config changes)."""
+    from dist_train import distributed
+
+    lock, verdict = None, (None, [])
     if env.is_main:
         try:
+            allowed = _check_resume(cfg, resume)
             lock = _lock_run_dir(cfg.run_dir)
+            if resume == "none" and has_history(cfg.run_dir):
+                lock = _start_afresh(cfg.run_dir, lock)
             save_config(cfg, cfg.run_dir / "config.yaml")
-        except RunLocked as error:
-            refusal = str(error)
-    return lock, distributed.broadcast_object(env, refusal)
+            verdict = (None, allowed)
+        except (RunLocked, ResumeRefused) as error:
+            verdict = (str(error), [])
+    refusal, allowed = distributed.broadcast_object(env, verdict)
+    return lock, refusal, allowed
 
 
-def one_line(error: BaseException) -> str:
-    """The message itself: a DataLoader worker re-raises with its traceback folded into the text."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    last = lines[-1] if lines else type(error).__name__
-    return last.split(f"{type(error).__name__}: ", 1)[-1]
+def _check_resume(cfg: Config, resume: str) -> list[str]:
+    """The config changes a resume carries, logged; ResumeRefused when the checkpoint cannot take them."""
+    folder, allowed = check_resume(cfg, resume)
+    if allowed:
+        log.warning("resuming %s with %d changed setting(s): %s", folder, len(allowed), "; ".join(allowed))
+    kept = kept_from_checkpoint(allowed)
+    if kept:
+        log.warning("not applied on resume: %s (the checkpoint's optimizer state restores its parameter groups, "
+                    "which hold them)", ", ".join(kept))
+    return allowed
 
 
-def _lock_run_dir(run_dir: Path):
+def _start_afresh(run_dir: Path, lock: IO[str]) -> IO[str]:
+    """--resume none on a directory with a history: the old run moves aside, whole, and this run starts in
+    a new, empty directory of the same name (locked before the old lock is let go)."""
+    moved = move_aside(run_dir)
+    fresh = _lock_run_dir(run_dir)
+    lock.close()
+    log.warning("--resume none: moved the earlier run in %s aside to %s; this run starts afresh", run_dir, moved)
+    return fresh
+
+
+def _lock_run_dir(run_dir: Path) -> IO[str]:
     """An exclusive lock held for the life of the job, so two jobs never interleave checkpoints."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / ".lock", "a+")
@@ -144,33 +242,20 @@ def _lock_run_dir(run_dir: Path):
     return handle
 
 
-def _setup_logging(env: distributed.DistEnv) -> None:
+def one_line(error: BaseException) -> str:
+    """The message itself: a DataLoader worker re-raises with its traceback folded into the text."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    return last.split(f"{type(error).__name__}: ", 1)[-1]
+
+
+def _setup_logging(env: DistEnv) -> None:
     level = logging.INFO if env.is_main else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
     for noisy in ("PIL", "matplotlib", "urllib3", "DeepSpeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def format_summary(summary: dict, cfg: Config) -> str:
-    """The table printed at the end of a run: the best evaluation's figures and where the run lives."""
-    best = summary.get("best_record") or {}
-    rows = [(f"best {name}", _fmt(best.get(name))) for name in ("alpha", "beta", "auc")]
-    rows += [("selected by", cfg.eval.metric), ("best epoch", _fmt(summary.get("best_epoch"))),
-             ("epochs done", _fmt(summary.get("epochs_done"))), ("optimizer steps", _fmt(summary.get("steps"))),
-             ("first positive at epoch", _fmt(summary.get("epochs_to_first_positive"))),
-             ("wall time (s)", _fmt(summary.get("wall_time_s"))), ("world size", _fmt(summary.get("world_size"))),
-             ("engine", summary.get("engine")), ("run directory", summary.get("run_dir"))]
-    width = max(len(name) for name, _ in rows)
-    lines = ["", "run summary", "-" * (width + 30)]
-    lines += [f"{name:<{width}}  {value}" for name, value in rows]
-    return "\n".join(lines)
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    warnings.filterwarnings("ignore", message=DCP_SINGLE_PROCESS_WARNING, category=UserWarning)
 
 
 if __name__ == "__main__":

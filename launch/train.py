@@ -1,44 +1,115 @@
 """Train on one node: `python launch/train.py --nproc-per-node 2 --config configs/demo.yaml [--set k=v ...]`.
 
-With --nproc-per-node > 1 (and not already under torchrun) this validates the config, then starts
-torchrun on itself; each rank runs `dist_train.main.main`. Under torchrun or SLURM it trains directly.
+With --nproc-per-node > 1 (and not already under torchrun) this validates the config and the resume,
+then starts torchrun on itself; each rank runs `dist_train.main.main`. Under torchrun it trains directly.
+
+A preemption notice (SIGTERM or SIGUSR2, to the launcher, the ranks or both, as SLURM signals a job
+step) makes every rank checkpoint at its next optimizer step and exit 0. torchrun is told to leave
+SIGTERM to us: its own handling kills the ranks and ends non-zero even when every rank saved. So the
+launcher hands a notice on to the ranks, waits for them, and exits 0 exactly when every rank did.
 """
 
+import argparse
+import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dist_train.main import main, parse_args  # noqa: E402
+from dist_train.cli_help import ArgumentParser  # noqa: E402
+from dist_train.main import build_parser as build_run_parser  # noqa: E402
+from dist_train.main import main, run_argv  # noqa: E402
+
+NOTICES = (signal.SIGTERM, signal.SIGUSR2)
+"""What SLURM (and a person ending a run) sends before the end; dist_train.preemption acts on both."""
+TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+"""The signals torchrun may still treat as its death: torchrun's default list without SIGTERM."""
+
+
+def build_parser() -> ArgumentParser:
+    parser = build_run_parser(prog="launch/train.py")
+    parser.description = __doc__.splitlines()[0]
+    parser.add_argument("--nproc-per-node", type=_rank_count, default=1, metavar="N",
+                        help="ranks to start on this node; more than 1 starts torchrun (default: 1, no "
+                             "torchrun; ignored under torchrun, which started this rank)")
+    return parser
+
+
+def _rank_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of ranks, at least 1, got {text!r}")
+    return int(text)
 
 
 def launch(argv: list[str]) -> int:
-    nproc = 1
-    if argv[:1] and argv[0].startswith("--nproc-per-node"):
-        flag = argv.pop(0)
-        nproc = int(flag.split("=", 1)[1]) if "=" in flag else int(argv.pop(0))
-    if nproc <= 1 or "RANK" in os.environ:
-        return main(argv)
+    args = build_parser().parse_args(argv)
+    if args.nproc_per_node <= 1 or "RANK" in os.environ:
+        return main(run_argv(args))
+    refusal = _refusal(args)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
+    return _torchrun(args.nproc_per_node, run_argv(args))
+
+
+def _refusal(args: argparse.Namespace) -> str | None:
+    """What rank 0 would refuse, found before torchrun starts any rank: one line, or None."""
     from dist_train.config import ConfigError, load_config
     from dist_train.main import preflight
+    from dist_train.resume_check import ResumeRefused, check_resume
 
-    args = parse_args(argv)
     try:
-        preflight(load_config(args.config, args.set), args.config or "<defaults>", args.set)
+        cfg = load_config(args.config, args.set)
+        preflight(cfg, args.config or "<defaults>", args.set)
+        check_resume(cfg, args.resume or cfg.checkpoint.resume)
     except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
+        return f"config error: {error}"
+    except ResumeRefused as error:
+        return f"error: {error}"
+    return None
+
+
+def _torchrun(nproc: int, rank_argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
+    _forward_notices()
     try:
-        torchrun(["--standalone", f"--nproc-per-node={nproc}", __file__, *argv])
+        torchrun([*_torchrun_options(nproc), __file__, *rank_argv])
     except ChildFailedError as error:
         return _report_failures(error)
+    except SignalException as error:  # a torch without --signals-to-handle: torchrun stopped the ranks itself
+        print(f"error: torchrun ended the ranks on {signal.Signals(error.sigval).name}; rerun with --resume auto "
+              f"to continue from the latest checkpoint", file=sys.stderr)
+        return 128 + int(error.sigval)
     return 0
+
+
+def _torchrun_options(nproc: int) -> list[str]:
+    from torch.distributed.run import get_args_parser
+
+    options = ["--standalone", f"--nproc-per-node={nproc}"]
+    if "--signals-to-handle" in get_args_parser()._option_string_actions:  # torch >= 2.7
+        options.append(f"--signals-to-handle={TORCHRUN_SIGNALS}")
+    return options
+
+
+def _forward_notices() -> None:
+    """A notice sent to the launcher alone (`kill PID`, `scancel --batch`) reaches the ranks too; a rank
+    that got it directly as well only raises the same flag twice. DataLoader workers are left alone."""
+    import psutil
+
+    def forward(signum: int, frame: object) -> None:
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signum)
+
+    for signum in NOTICES:
+        signal.signal(signum, forward)
 
 
 def _report_failures(error) -> int:
