@@ -4,17 +4,17 @@
                                      [--no-async] [--no-record]
 
 The state is our model (efficientnet_b0 + default head) and AdamW after one step (so its moments
-exist), as dist_train/checkpoint.py stores it. In interleaved rounds (best of --repeats), on --ranks
+exist), as dist_train/train/checkpoint.py stores it. In interleaved rounds (best of --repeats), on --ranks
 gloo processes with one thread each:
 
   dcp save        get_state_dict + dcp.save from every rank (the raw DCP cost)
-  ours save       dist_train.checkpoint.Checkpointer.save: buffer broadcast, DCP, trainer.json, fsync of
+  ours save       dist_train.train.checkpoint.Checkpointer.save: buffer broadcast, DCP, trainer.json, fsync of
                   every file, atomic rename and `latest` pointer (what a training run pays)
   torch.save      rank 0 writes model + optimizer state dicts to one file (other ranks wait);
                   "+ fsync" adds the flush to disk that our checkpoints pay for atomicity
   async save      dcp.async_save: the time until it returns (the training stall) and until its future
                   completes (thread executor; the process executor is tried with --async-process)
-  dcp load        every rank: get_state_dict + dcp.load + set_state_dict (dist_train.checkpoint.load_tensors)
+  dcp load        every rank: get_state_dict + dcp.load + set_state_dict (Checkpointer.restore)
   torch.load      every rank reads the one file and loads both state dicts
 
 Times are the slowest rank's (a save is done when every rank is). Sizes are bytes on disk. Files are
@@ -41,12 +41,28 @@ from common import append_row, free_port, load_average  # noqa: E402
 
 
 class Engine:
-    """The two attributes dist_train.checkpoint reads from a DDPEngine."""
+    """The part of the Engine protocol a checkpoint uses, as DDPEngine does it (DCP), over a bare model:
+    the bench times checkpointing, not building a trainer."""
 
     kind = "ddp"
 
-    def __init__(self, module, optimizer):
-        self.module, self.optimizer = module, optimizer
+    def __init__(self, module, optimizer, env):
+        self.module, self.optimizer, self.env = module, optimizer, env
+
+    def sync_buffers(self) -> None:
+        from dist_train.train import sharded
+
+        sharded.broadcast_buffers(self.module, self.env)
+
+    def save_tensors(self, folder: Path) -> None:
+        from dist_train.train import sharded
+
+        sharded.save(folder, self.module, self.optimizer)
+
+    def load_tensors(self, folder: Path, saved_world_size: int) -> None:
+        from dist_train.train import sharded
+
+        sharded.load(folder, self.module, self.optimizer)
 
 
 def build_state(args):
@@ -92,12 +108,13 @@ def rank_main(rank: int, world_size: int, port: int, queue, args) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from dist_train import checkpoint
     from dist_train.distributed import DistEnv
+    from dist_train.train import checkpoint
+    from dist_train.train.state import StreamState, TrainerState
 
     env = DistEnv(rank=rank, world_size=world_size)
     model, optimizer = build_state(args)
-    engine = Engine(model, optimizer)
+    engine = Engine(model, optimizer, env)
     root = Path(args.workdir) / "checkpoint-bench"
     if rank == 0:
         shutil.rmtree(root, ignore_errors=True)
@@ -121,15 +138,14 @@ def rank_main(rank: int, world_size: int, port: int, queue, args) -> None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optim"])
 
-    checkpointer = checkpoint.Checkpointer(root / "ours", env, "ddp", keep_last=1)
-    trainer_state = {"trainer": {"epoch": 0, "step": 0}, "workers": 2}
-    per_rank = {"position": {"micro_batches": 0, "raw_positions": {}}}
+    checkpointer = checkpoint.Checkpointer(root / "ours", env, keep_last=1)
+    parts, rank_parts, meta = {"trainer": TrainerState()}, {"position": StreamState()}, {"workers": 2}
     results: dict[str, list[float]] = {}
     sizes: dict[str, int] = {}
     def one_round(index: int) -> dict[str, float]:
         round_results = {
             "dcp save": timed(lambda: dcp_save(root / f"dcp-{index}")),
-            "ours save": timed(lambda: checkpointer.save(index + 1, engine, trainer_state, per_rank)),
+            "ours save": timed(lambda: checkpointer.save(index + 1, engine, parts, rank_parts, meta)),
             "torch.save": timed(lambda: torch_save(False)),
             "torch.save + fsync": timed(lambda: torch_save(True)),
         }
@@ -140,7 +156,8 @@ def rank_main(rank: int, world_size: int, port: int, queue, args) -> None:
                 round_results[f"async ({kind}) stall"] = stall
                 round_results[f"async ({kind}) total"] = total
         ours_folder = root / "ours" / checkpoint.read_pointer(root / "ours" / "latest")
-        round_results["dcp load"] = timed(lambda: checkpoint.load_tensors(ours_folder, engine, env, world_size))
+        saved = checkpoint.read_trainer_state(ours_folder)
+        round_results["dcp load"] = timed(lambda: checkpointer.restore(ours_folder, saved, engine, parts, rank_parts))
         round_results["torch.load"] = timed(torch_load)
         if rank == 0:
             sizes.update({"dcp": folder_bytes(root / f"dcp-{index}"), "torch.save": folder_bytes(single),

@@ -58,6 +58,13 @@ def deepspeed_config_of(engine: Any) -> Any:
     return engine._config
 
 
+def deepspeed_grad_scaler(engine: Any) -> Any:
+    """The GradScaler DeepSpeed made for torch_autocast fp16 (the engine's under ZeRO-0, the ZeRO optimizer's
+    otherwise), or None. DeepSpeed does not checkpoint it; the engine saves its state with the run's."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    return scaler if scaler is not None else getattr(engine.optimizer, "torch_autocast_gradscaler", None)
+
+
 def unwrap_compiled(model: nn.Module) -> nn.Module:
     """The module inside a torch.compile wrapper (`OptimizedModule` keeps it as `_orig_mod`)."""
     return getattr(model, "_orig_mod", model)

@@ -18,10 +18,12 @@ from typing import Any, Literal
 
 import yaml
 
+from dist_train.errors import UserError
+
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem, reported in one line naming the source file and the key."""
 
     def __init__(self, source: str, key: str, message: str):
@@ -451,6 +453,13 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     config = _build(Config, raw, source, "")
     validate(config, source)
     return config
+
+
+def section_from_dict(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    """One section (e.g. ModelConfig from an export's metadata) with the same types and checks as a YAML file."""
+    section = _build(cls, raw, source, prefix)
+    _validate_tree(section, _Check(source, f"{prefix}."))
+    return section
 
 
 def validate(config: Config, source: str) -> None:

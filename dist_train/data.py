@@ -45,17 +45,15 @@ from webdataset import tariterators
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
+from dist_train import preemption
 from dist_train.augment import Augmenter, to_normalised_tensor
 from dist_train.config import DataConfig
+from dist_train.errors import DataError
 from dist_train.transforms import apply_clahe
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
-
-
-class DataError(RuntimeError):
-    """A shard that cannot be read, or too many corrupt samples: the run must stop."""
 
 
 @dataclass(frozen=True)
@@ -458,7 +456,7 @@ def make_loader(dataset: IterableDataset, cfg: DataConfig, pin_memory: bool, tim
     return DataLoader(dataset, batch_size=None, num_workers=cfg.workers, pin_memory=pin_memory,
                       prefetch_factor=cfg.prefetch_factor if cfg.workers > 0 else None,
                       persistent_workers=False, collate_fn=_identity, generator=torch.Generator(),
-                      timeout=timeout_s if cfg.workers > 0 else 0)
+                      timeout=timeout_s if cfg.workers > 0 else 0, worker_init_fn=preemption.ignore_in_worker)
 
 
 def _identity(item: Batch) -> Batch:

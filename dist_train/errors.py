@@ -26,7 +26,11 @@ class WeightsError(UserError, ValueError):
     """A weight file or pretrained id that cannot be used: missing, not cached, unsafe or mismatched."""
 
 
-class RunLocked(UserError, RuntimeError):
+class RunRefused(UserError, RuntimeError):
+    """Rank 0 refused the run directory (locked by another job, or a resume it cannot take)."""
+
+
+class RunLocked(RunRefused):
     """Another job is already writing this run directory."""
 
 

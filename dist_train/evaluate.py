@@ -19,10 +19,7 @@ from torch import nn
 from dist_train import distributed
 from dist_train.augment import tta_views
 from dist_train.distributed import DistEnv
-
-
-class CoverageError(RuntimeError):
-    """Validation samples were dropped or counted twice."""
+from dist_train.errors import CoverageError
 
 
 @dataclass

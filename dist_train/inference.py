@@ -9,6 +9,7 @@ that training applied. Raw JPEGs go through the same crop, resize and JPEG re-en
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -21,17 +22,18 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from dist_train import checkpoint
-from dist_train.config import DataConfig, ModelConfig
+from dist_train.config import DataConfig, config_from_dict
 from dist_train.data import Decoder, EvalStream, make_loader
+from dist_train.errors import CheckpointError, UserError
 from dist_train.evaluate import Scores, score_stream
 from dist_train.model import build_model, export_meta_path, load_for_inference
 from dist_train.sharding import IMAGE_SUFFIXES, offenders
 from dist_train.tracking import Progress
+from dist_train.train import checkpoint, sharded
 from dist_train.transforms import BadImageError, load_fundus
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A bad --model, --images, --shards, --out or option: the commands exit 2 before any work."""
 
 
@@ -44,14 +46,21 @@ def export(source: Path, out: Path) -> Path:
 
         weights = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="deepspeed")
     else:
-        weights = _dcp_model_weights(folder)
+        weights = sharded.model_weights(folder)
     config = state["config"]
-    model = build_model(ModelConfig(**{**config["model"], "pretrained": "none", "compile": False}))
-    model.load_state_dict(weights, strict=True)
+    model_cfg = config_from_dict(config, str(folder / checkpoint.TRAINER_FILE)).model
+    model = build_model(dataclasses.replace(model_cfg, pretrained="none", compile=False))
+    model.load_state_dict(_plain_names(weights), strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(out, save({name: tensor.contiguous() for name, tensor in model.state_dict().items()}))
     _write_atomic(export_meta_path(out), json.dumps(_meta(config, state, folder, model), indent=2).encode())
     return out
+
+
+def _plain_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys without torch.compile's `_orig_mod.` prefix: checkpoints of older DeepSpeed runs that compiled
+    the module itself carry it (the engines now compile what they run and save the plain module)."""
+    return {name.removeprefix("_orig_mod."): tensor for name, tensor in weights.items()}
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -69,23 +78,8 @@ def _checkpoint_folder(source: Path) -> Path:
     root = source / "checkpoints" if (source / "checkpoints").is_dir() else source
     name = checkpoint.read_pointer(root / "best") or checkpoint.read_pointer(root / "latest")
     if name is None:
-        raise checkpoint.CheckpointError(f"{source}: no checkpoint found (no best or latest pointer)")
+        raise CheckpointError(f"{source}: no checkpoint found (no best or latest pointer)")
     return root / name
-
-
-def _dcp_model_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """DCP's own consolidation, as `dcp_to_torch_save` does it, but through the metadata reader that runs no code.
-
-    The public `dcp.load` only fills keys it is given; consolidating without knowing them takes the same
-    private entry point that torch's own converter uses.
-    """
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=checkpoint.SafeMetadataReader(str(folder)),
-                     planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    return state["model"]
 
 
 def _meta(config: dict[str, Any], state: dict[str, Any], folder: Path, model: nn.Module) -> dict[str, Any]:

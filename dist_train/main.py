@@ -23,7 +23,8 @@ from typing import IO, TYPE_CHECKING
 from dist_train import preemption
 from dist_train.cli_help import ArgumentParser, exit_codes
 from dist_train.config import Config, ConfigError, blame_override, load_config, save_config
-from dist_train.resume_check import ResumeRefused, check_resume, has_history, kept_from_checkpoint, move_aside
+from dist_train.errors import DistTrainError, RunLocked, RunRefused, WeightsError, one_line
+from dist_train.resume_check import ResumeRefused, check_resume, has_history, move_aside
 from dist_train.summary import format_summary
 
 if TYPE_CHECKING:
@@ -33,14 +34,6 @@ log = logging.getLogger("dist_train")
 
 DCP_SINGLE_PROCESS_WARNING = r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to"
 """DCP's UserWarning at every save and load of a one-process run, which is what a one-process run intends."""
-
-
-class RunRefused(RuntimeError):
-    """Rank 0 refused the run directory (locked by another job, or a resume it cannot take); exit 2."""
-
-
-class RunLocked(RunRefused):
-    """Another job is already writing this run directory."""
 
 
 # ------------------------------------------------------------------ command line
@@ -120,7 +113,8 @@ def preflight(cfg: Config, source: str, overrides: list[str]) -> None:
 
 def _preflight(cfg: Config, source: str) -> None:
     from dist_train.data import DataError, shard_urls
-    from dist_train.model import WeightsError, check_backbone_name, check_pretrained
+    from dist_train.model import check_backbone_name, check_pretrained
+    from dist_train.train.engine.zero_config import check_deepspeed_file
 
     for key in ("train_shards", "val_shards"):
         pattern = getattr(cfg.data, key)
@@ -139,13 +133,24 @@ def _preflight(cfg: Config, source: str) -> None:
         check_pretrained(cfg.model.pretrained)
     except WeightsError as error:
         raise ConfigError(source, "model.pretrained", str(error).removeprefix("model.pretrained: ")) from None
+    check_deepspeed_file(cfg, source)
+    _refuse_unfinished_builds(cfg, source)
+
+
+def _refuse_unfinished_builds(cfg: Config, source: str) -> None:
+    """A shard folder whose build stopped midway holds tars without a manifest: not a shard set to train on."""
+    from dist_train.sharding import unfinished_build
+
+    for key in ("train_shards", "val_shards"):
+        folder = Path(getattr(cfg.data, key)).parent
+        why = unfinished_build(folder) if folder.is_dir() else None
+        if why:
+            raise ConfigError(source, f"data.{key}", f"{folder}: {why}")
 
 
 def _run(cfg: Config, env: DistEnv, resume: str, reraise_preempted: bool) -> int:
-    from dist_train import checkpoint
-    from dist_train.data import DataError
-    from dist_train.loop import Trainer, TrainingStopped
-    from dist_train.model import WeightsError
+    from dist_train.train import checkpoint
+    from dist_train.train.loop import Trainer
 
     lock = None
     try:
@@ -153,7 +158,7 @@ def _run(cfg: Config, env: DistEnv, resume: str, reraise_preempted: bool) -> int
         if refusal:  # every rank learns it, so none is left waiting in a collective
             raise RunRefused(refusal)
         resume_from = checkpoint.resolve_resume(resume, cfg.run_dir)
-        trainer = Trainer(cfg, env, resume_from)
+        trainer = Trainer(cfg, env, resume_from, config_changes=allowed)
         summary = trainer.train()
         if env.is_main:
             print(format_summary(summary, cfg))
@@ -165,9 +170,9 @@ def _run(cfg: Config, env: DistEnv, resume: str, reraise_preempted: bool) -> int
         if env.is_main:
             print(preempted_line(notice, cfg.run_dir), file=sys.stderr)
         return 0
-    except (RunRefused, checkpoint.CheckpointError, DataError, TrainingStopped, WeightsError) as error:
+    except DistTrainError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2 if isinstance(error, (RunRefused, DataError, WeightsError)) else 1
+        return error.exit_code
     finally:
         if lock is not None:
             lock.close()
@@ -209,10 +214,6 @@ def _check_resume(cfg: Config, resume: str) -> list[str]:
     folder, allowed = check_resume(cfg, resume)
     if allowed:
         log.warning("resuming %s with %d changed setting(s): %s", folder, len(allowed), "; ".join(allowed))
-    kept = kept_from_checkpoint(allowed)
-    if kept:
-        log.warning("not applied on resume: %s (the checkpoint's optimizer state restores its parameter groups, "
-                    "which hold them)", ", ".join(kept))
     return allowed
 
 
@@ -240,13 +241,6 @@ def _lock_run_dir(run_dir: Path) -> IO[str]:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
-
-
-def one_line(error: BaseException) -> str:
-    """The message itself: a DataLoader worker re-raises with its traceback folded into the text."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    last = lines[-1] if lines else type(error).__name__
-    return last.split(f"{type(error).__name__}: ", 1)[-1]
 
 
 def _setup_logging(env: DistEnv) -> None:

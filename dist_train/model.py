@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dist_train.config import ModelConfig
+from dist_train.config import ModelConfig, section_from_dict
+from dist_train.errors import WeightsError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 """File endings accepted by `model.pretrained` as a local weight file."""
@@ -117,10 +118,6 @@ def _create_backbone(cfg: ModelConfig) -> nn.Module:
     except (RuntimeError, KeyError, ValueError) as error:
         raise WeightsError(f"model.pretrained: the cached weights of {cfg.pretrained!r} ({cached}) do not fit "
                          f"model.backbone {cfg.backbone!r}: {_first_line(error)}") from None
-
-
-class WeightsError(ValueError):
-    """A weight file or pretrained id that cannot be used: missing, not cached, unsafe or mismatched."""
 
 
 def check_backbone_name(name: str) -> None:
@@ -317,10 +314,8 @@ def load_for_inference(path: str | Path) -> tuple[GlaucomaNet, dict[str, Any]]:
 
 
 def _model_config_from_dict(raw: Any, source: Path) -> ModelConfig:
+    """The export's model config, checked as a YAML file's `model:` section is (types, ranges, unknown keys)."""
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: 'model' must be the model config as a mapping")
-    known = {item.name for item in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{source}: model: unknown keys {', '.join(unknown)}")
-    return dataclasses.replace(ModelConfig(**raw), pretrained="none", compile=False)
+    cfg = section_from_dict(ModelConfig, raw, str(source), "model")
+    return dataclasses.replace(cfg, pretrained="none", compile=False)

@@ -65,9 +65,19 @@ def clear() -> None:
     _requested = False
 
 
+def ignore_in_worker(worker_id: int = 0) -> None:
+    """A DataLoader worker's `worker_init_fn`: the worker ignores notices, SIGTERM included.
+
+    SLURM signals every process of a job step, workers too; a worker that died of it would fail its
+    rank before the rank could checkpoint. The rank ends its workers itself, and they exit with it."""
+    signal.signal(NOTICE_SIGNAL, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    """Set the flag in the rank's own process; forked DataLoader workers inherit this handler and
-    must not act: they ignore the notice and die on SIGTERM as they would have without us."""
+    """Set the flag in the rank's own process. Other forked children (a multiprocessing pool) inherit this
+    handler and must not act: they ignore the notice and die on SIGTERM as they would have without us;
+    DataLoader workers ignore both (`ignore_in_worker`)."""
     if os.getpid() == _owner_pid:
         request()
     elif signum == signal.SIGTERM:

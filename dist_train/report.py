@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from dist_train import metrics
+from dist_train.errors import UserError
 from dist_train.evaluate import PREDICTION_COLUMNS
 from dist_train.tracking import has_wandb_credentials, scrub_secrets
 
@@ -48,7 +49,7 @@ class RunData:
         return [record for record in self.records if record.get("kind") == kind]
 
 
-class WandbUnavailable(RuntimeError):
+class WandbUnavailable(UserError, RuntimeError):
     """wandb cannot be queried (no API key, no network, unknown project); the message is one line."""
 
 

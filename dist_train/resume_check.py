@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_train.config import Config, to_dict
+from dist_train.errors import UserError
 from dist_train.redact import scrub_secrets
 
 BLOCKING_KEYS = frozenset({"model.backbone", "model.head_widths", "model.head_batchnorm", "engine.kind",
@@ -34,16 +35,13 @@ BLOCKING_KEYS = frozenset({"model.backbone", "model.head_widths", "model.head_ba
 _PHASE_TRAIN = re.compile(r"unfreeze\.phases\[\d+\]\.train")
 """The optimizer's parameter groups follow the phases that train them: another split is another state."""
 
-_KEPT_FROM_OPTIMIZER = re.compile(r"optim\.(lr|weight_decay|betas|momentum)|unfreeze\.phases\[\d+\]\.lr")
-"""Hyper-parameters that live in the optimizer's param groups, which loading its state restores."""
-
 IGNORED_KEYS = frozenset({"checkpoint.resume"})
 """How this run was asked to resume is not a change of the run."""
 
 _UNSET = object()
 
 
-class ResumeRefused(RuntimeError):
+class ResumeRefused(UserError, RuntimeError):
     """The run directory cannot be resumed (or restarted) as asked; the message says what to do instead."""
 
 
@@ -82,8 +80,6 @@ def _blocks(key: str, old: Any, now: Any, new: dict[str, Any]) -> bool:
         return True
     if key == "model.head_dropout":  # one more value adds a Dropout before the logit: later layers renumber
         return not (isinstance(old, list) and isinstance(now, list) and len(old) == len(now))
-    if key == "model.compile":  # DeepSpeed saves the compiled wrapper's `_orig_mod.` names; DCP strips them
-        return new.get("engine", {}).get("kind") == "deepspeed"
     return False
 
 
@@ -91,12 +87,6 @@ def _show(value: Any) -> str:
     if value is _UNSET:
         return "(unset)"
     return value if isinstance(value, str) else json.dumps(value)
-
-
-def kept_from_checkpoint(allowed: list[str]) -> list[str]:
-    """The keys among `allowed` whose new value a resumed optimizer overwrites with the saved one."""
-    keys = [change.split(":", 1)[0] for change in allowed]
-    return [key for key in keys if _KEPT_FROM_OPTIMIZER.fullmatch(key)]
 
 
 def comparable(cfg: Config) -> dict[str, Any]:
@@ -107,7 +97,7 @@ def comparable(cfg: Config) -> dict[str, Any]:
 def check_resume(cfg: Config, setting: str) -> tuple[Path | None, list[str]]:
     """The checkpoint `setting` resumes (None for a fresh start) and the allowed config changes it
     carries; ResumeRefused when there is no readable checkpoint there or the changes cannot load."""
-    from dist_train import checkpoint
+    from dist_train.train import checkpoint
 
     try:
         folder = checkpoint.resolve_resume(setting, cfg.run_dir)

@@ -28,6 +28,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from dist_train.errors import DistTrainError, UserError
 from dist_train.transforms import DRAFT_MARGIN, BadImageError, load_fundus
 
 FORMAT = "dist_train-shards/1"
@@ -52,15 +53,15 @@ SHOWN = 5
 _NOT_FINISHED = "the build did not finish; rerun the same build command to resume"
 
 
-class ShardInputError(ValueError):
+class ShardInputError(UserError, ValueError):
     """Bad labels, images or OUT folder: the CLI exits 2."""
 
 
-class TooManyRejectedError(RuntimeError):
+class TooManyRejectedError(DistTrainError, RuntimeError):
     """More unreadable images than --max-rejected-fraction allows: the CLI exits 1."""
 
 
-class UnfinishedBuildError(RuntimeError):
+class UnfinishedBuildError(UserError, RuntimeError):
     """A shard folder whose build stopped before its manifest was written: verify exits 1."""
 
 

@@ -32,6 +32,7 @@ from submitit.helpers import Checkpointable
 
 from dist_train import preemption
 from dist_train.config import Config, SlurmConfig, load_config
+from dist_train.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUBMISSIONS_FILE = "submissions.jsonl"
@@ -40,7 +41,7 @@ MIN_SAFE_TIME_MIN = 10
 """Below this, submitit counts every notice as a time-out and spends its few requeues (3 by default)."""
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """Options that contradict each other or the config; reported as `error: ...`, exit 2."""
 
 

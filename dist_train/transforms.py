@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dist_train.errors import UserError
+
 ImageSource = Union[str, Path, bytes]
 
 BOX_SEARCH_SIDE = 256
@@ -29,7 +31,7 @@ MAX_BLACK_LEVEL = 25
 """A darkest percentile above this means there is no black border to crop away."""
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError, ValueError):
     """An image that cannot be decoded completely (unreadable, truncated, empty)."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,6 +56,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored(monkeypatch):
+    """Tests that call a command's `main()` in-process install its preemption handlers in pytest's own
+    process; each test starts with the handlers, their owner and the notice flag as they were."""
+    from dist_train import preemption
+
+    monkeypatch.setattr(preemption, "_owner_pid", preemption._owner_pid)
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR2)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+    preemption.clear()
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 from dist_train import preemption
 
@@ -63,7 +64,26 @@ def test_forked_workers_ignore_the_notice():
 
 
 def test_forked_workers_still_die_on_sigterm():
+    """A multiprocessing pool (the shard builder's) ends its workers with SIGTERM: they must die of it."""
     preemption.install_handlers()
     status = child_exit_status(signal.SIGTERM)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
     assert not preemption.requested()
+
+
+class _SignalledStream(torch.utils.data.IterableDataset):
+    """A worker that receives SIGTERM (SLURM signals every process of a step) and then goes on."""
+
+    def __iter__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        yield from range(3)
+
+
+def test_a_dataloader_worker_outlives_a_sigterm_to_every_process():
+    """Without `ignore_in_worker` the worker dies and the rank fails before it can checkpoint."""
+    from dist_train.config import DataConfig
+    from dist_train.data import make_loader
+
+    preemption.install_handlers()
+    loader = make_loader(_SignalledStream(), DataConfig(workers=1, prefetch_factor=2), pin_memory=False)
+    assert list(loader) == [0, 1, 2]

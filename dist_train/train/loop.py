@@ -51,6 +51,7 @@ from dist_train.unfreeze import (
     global_batch_size,
     lr_scale,
     lr_scaling_warning,
+    optimizer_param_groups,
     phase_peak_lrs,
 )
 
@@ -62,9 +63,10 @@ LoaderFactory = Callable[..., Iterable[Batch]]
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, resume_from: Path | None = None, *,
-                 loader_factory: LoaderFactory = make_loader):
+                 loader_factory: LoaderFactory = make_loader, config_changes: list[str] | None = None):
+        """`config_changes`: how this run's config differs from the checkpoint's (resume_check), for the log."""
         self.cfg, self.env, self.run_dir = cfg, env, cfg.run_dir
-        self.loader_factory = loader_factory
+        self.loader_factory, self.config_changes = loader_factory, config_changes or []
         self.started = time.monotonic()
         distributed.seed_everything(cfg.train.seed + env.rank, cfg.train.deterministic)
         distributed.configure_backends(env.device, cfg.train.deterministic)
@@ -445,6 +447,7 @@ class Trainer:
         same_layout = (saved["world_size"], saved["workers"], saved.get("deal", "by_shards")) == \
             (self.env.world_size, self.cfg.data.workers, self._deal())
         self.checkpointer.restore(folder, saved, self.engine, self.parts(), self.rank_parts() if same_layout else {})
+        self._apply_optimizer_settings()
         if saved["steps_per_epoch"] != self.steps_per_epoch:
             self._rescale_progress(saved["steps_per_epoch"])
         if not same_layout:
@@ -452,8 +455,22 @@ class Trainer:
             self.stream.reset(micro_batches=done)
         self._resumed = {"from": str(folder), "step": self.state.step, "epoch": self.state.epoch,
                          "saved_world_size": saved["world_size"], "world_size": self.env.world_size,
-                         "exact_position": same_layout}
+                         "exact_position": same_layout, "config_changes": self.config_changes}
         return saved
+
+    def _apply_optimizer_settings(self) -> None:
+        """The config's LR, weight decay and betas/momentum over the ones the optimizer state restored.
+
+        Loading an optimizer's state restores its parameter groups' hyper-parameters too: a resume with
+        another optim.lr would silently keep the old one. The groups are the same (resume_check refuses
+        another split), so the freshly built groups say what each should hold."""
+        fresh = optimizer_param_groups(self.model, self.unfreeze, self.cfg.optim, self.batch_scale)
+        for group, new in zip(self.engine.optimizer.param_groups, fresh):
+            group["base_lr"], group["weight_decay"] = new["base_lr"], new["weight_decay"]
+            if "betas" in group:
+                group["betas"] = tuple(self.cfg.optim.betas)
+            if "momentum" in group:
+                group["momentum"] = self.cfg.optim.momentum
 
     def _rescale_progress(self, saved_steps_per_epoch: int) -> None:
         """Another world size changed the epoch's length: the interrupted epoch keeps the fraction it had

@@ -110,9 +110,11 @@ def test_sigterm_to_every_process_of_a_torchrun_job_checkpoints_and_exits_0(shar
     assert_preempted_and_resumable(first, code, stderr, run_dir, 2, shards)
 
 
-def test_sigterm_to_a_plain_run_checkpoints_and_exits_0(shards, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigterm_to_a_plain_run_checkpoints_and_exits_0(workers, shards, tmp_path):
+    """With a DataLoader worker, SIGTERM reaches it too (SLURM signals every process of the step)."""
     run_dir = tmp_path / "runs" / "test_tiny"
     command = [sys.executable, "-m", "dist_train.main", "--config", CONFIG, "--resume", "none", "--set",
-               *overrides(shards, tmp_path / "runs", *STILL_RUNNING)]
-    first, code, stderr = preempt_after_first_checkpoint(command, run_dir, processes=1)
+               *overrides(shards, tmp_path / "runs", *STILL_RUNNING, f"data.workers={workers}")]
+    first, code, stderr = preempt_after_first_checkpoint(command, run_dir, processes=1 + workers)
     assert_preempted_and_resumable(first, code, stderr, run_dir, 1, shards)

@@ -113,3 +113,20 @@ def test_a_non_finite_loss_stops_before_its_update_reaches_the_weights(make_shar
     assert trainer.state.step == 1
     parameters = dict(trainer.engine.module.named_parameters())
     assert all(torch.equal(snapshots[0][name], parameters[name]) for name in parameters)
+
+
+def test_a_resume_trains_with_the_configs_lr_not_the_checkpoints(make_shards, tmp_path):
+    """Loading an optimizer's state restores its groups' LRs; the resumed run's config must win.
+
+    Oracle: a constant schedule, so every logged LR after the resume is the new optim.lr exactly."""
+    shards = make_shards()
+    first = Trainer(tiny(shards, tmp_path, "train.epochs=1", "optim.lr=1e-3", "optim.weight_decay=0.01"), DistEnv())
+    first.train()
+    cfg = tiny(shards, tmp_path, "train.epochs=2", "optim.lr=5e-2", "optim.weight_decay=0.2")
+    second = Trainer(cfg, DistEnv(), resume_from=latest(first), config_changes=["optim.lr: 0.001 -> 0.05"])
+    assert {group["weight_decay"] for group in second.engine.optimizer.param_groups if group["decay"]} == {0.2}
+    second.train()
+    resumed = [r for r in history(second.run_dir) if r["kind"] == "train" and r["step"] > first.state.step]
+    assert resumed and all(r["lr"][0] == pytest.approx(5e-2) for r in resumed)
+    event = next(r for r in history(second.run_dir) if r["kind"] == "resume")
+    assert event["config_changes"] == ["optim.lr: 0.001 -> 0.05"]

@@ -5,12 +5,14 @@ parameter is registered and stays `requires_grad`; a frozen one is gated: a grad
 its gradient by zero and its group's LR is zero. Its Adam state still advances while gated, so when a
 phase starts training a group, that group's optimizer state is reset: its first updates then carry
 Adam's bias correction exactly as under DDP, where the state is only created at the first real step.
+
+Precision is DeepSpeed's: its torch_autocast section (generated from train.precision in zero_config.py)
+autocasts the forward inside the engine, so nothing here wraps it again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -19,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from dist_train import compat, distributed
@@ -27,11 +28,15 @@ from dist_train.config import Config
 from dist_train.distributed import DistEnv
 from dist_train.errors import CheckpointError
 from dist_train.train import sharded
-from dist_train.train.engine import autocast
+from dist_train.train.engine.zero_config import AUTOCAST_DTYPES, check_deepspeed_file, deepspeed_config
 from dist_train.unfreeze import UnfreezeSchedule
+
+__all__ = ["DeepSpeedEngine", "check_deepspeed_file", "deepspeed_config", "torch_optimizer"]
 
 TAG = "deepspeed"
 UNIVERSAL_TAG = "deepspeed_universal"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+"""DeepSpeed's module state (parameters and buffers) in a tag folder, written by rank 0 (no model parallelism)."""
 
 
 class DeepSpeedEngine:
@@ -39,6 +44,7 @@ class DeepSpeedEngine:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv,
                  schedule: UnfreezeSchedule):
+        config = deepspeed_config(cfg, env)  # refuses a contradicting user file before anything changes
         import deepspeed
 
         self.cfg, self.env, self.module = cfg, env, model
@@ -46,7 +52,9 @@ class DeepSpeedEngine:
             param.requires_grad_(True)
         schedule.install_grad_gate(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, env), dist_init_required=False)
+            model=model, optimizer=optimizer, config=config, dist_init_required=False)
+        if cfg.model.compile:  # DeepSpeed's own compile keeps the module, and the keys it saves, plain
+            self.engine.compile()
 
     def enter_phase(self, schedule: UnfreezeSchedule, phase: int) -> dict[str, Any]:
         """Parameters stay registered (the gate reads the schedule's phase); the groups it starts restart Adam."""
@@ -55,14 +63,18 @@ class DeepSpeedEngine:
         return info
 
     def _reset_state_of_phase(self, phase: int) -> None:
-        inner = _torch_optimizer(self.optimizer)
+        inner = torch_optimizer(self.optimizer)
         for group in inner.param_groups:
             if group.get("phase") == phase:
                 for param in group["params"]:
                     inner.state.pop(param, None)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.cfg, self.env.device)
+        """What DeepSpeed's torch_autocast runs the training forward under, on any device: evaluation matches it."""
+        dtype = AUTOCAST_DTYPES.get(self.cfg.train.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=getattr(torch, dtype))
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
                          sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,8 +82,7 @@ class DeepSpeedEngine:
         last one is the optimizer step, left to `optimizer_step`."""
         if sync != self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("accumulation window out of step with DeepSpeed's micro-batch counter")
-        with self.autocast():
-            logits = self.engine(images).float()
+        logits = self.engine(images).float()
         loss = loss_fn(logits, labels)
         self.engine.backward(loss)
         if not sync:
@@ -89,7 +100,8 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(folder), tag=TAG, client_state=universal_info)
 
     def load_tensors(self, folder: Path, saved_world_size: int) -> None:
-        """Same world size, or ZeRO-0 (nothing partitioned): a direct load; ZeRO 1-2 on another size: universal."""
+        """Same world size, or ZeRO-0 (nothing partitioned): a direct load; ZeRO 1-2 on another size: universal
+        (DeepSpeed's converter, run once by rank 0), then the buffers, which a universal load leaves out."""
         if saved_world_size == self.env.world_size or self.cfg.engine.zero_stage == 0:
             self.engine.load_checkpoint(str(folder), tag=TAG)
             return
@@ -101,15 +113,31 @@ class DeepSpeedEngine:
         if failure:
             raise CheckpointError(failure)
         compat.load_deepspeed_universal(self.engine, str(folder), UNIVERSAL_TAG)
+        _load_buffers(self.module, folder / TAG)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        """fp16's loss scale: DeepSpeed checkpoints its counters, not torch_autocast's GradScaler."""
+        scaler = compat.deepspeed_grad_scaler(self.engine)
+        return {"scaler": scaler.state_dict()} if scaler is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """DeepSpeed restores its own counters and loss scale from its checkpoint."""
+        scaler = compat.deepspeed_grad_scaler(self.engine)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
 
 
-def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+def _load_buffers(module: nn.Module, tag_folder: Path) -> None:
+    """BatchNorm statistics from the saved module state: a universal load restores parameters only.
+
+    (DeepSpeed skips the module state when loading a universal checkpoint; the statistics would stay
+    those the model was built with.) The file holds rank 0's buffers, which the save synchronised."""
+    saved = torch.load(tag_folder / MODEL_STATES, map_location="cpu", weights_only=True)["module"]
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            buffer.copy_(saved[name])
+
+
+def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside DeepSpeed's wrappers (ZeRO 1-2 keep one flat partition per group)."""
     while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
@@ -131,27 +159,3 @@ def _convert_universal(folder: Path, universal: Path) -> str | None:
         return f"converting {folder} to a universal checkpoint failed: {lines[-1] if lines else result.returncode}"
     os.replace(staging, universal)
     return None
-
-
-def deepspeed_config(cfg: Config, env: DistEnv) -> dict[str, Any]:
-    """The DeepSpeed JSON config generated from ours, with an optional user file merged under it."""
-    ds: dict[str, Any] = {}
-    if cfg.engine.deepspeed_config:
-        ds.update(_read_structured(cfg.engine.deepspeed_config))
-    ds.update({
-        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-        "gradient_accumulation_steps": cfg.train.accumulation_steps,
-        "train_batch_size": cfg.train.batch_size * cfg.train.accumulation_steps * env.world_size,
-        "zero_optimization": {**ds.get("zero_optimization", {}), "stage": cfg.engine.zero_stage},
-        "steps_per_print": 1 << 30,
-        "zero_allow_untested_optimizer": True,  # our client optimizers are torch's own SGD/Adam/AdamW
-        "wall_clock_breakdown": False,
-    })
-    if cfg.optim.grad_clip is not None:
-        ds["gradient_clipping"] = cfg.optim.grad_clip
-    return ds
-
-
-def _read_structured(path: str) -> dict[str, Any]:
-    text = Path(path).read_text()
-    return json.loads(text) if path.endswith(".json") else yaml.safe_load(text)

@@ -1,0 +1,36 @@
+"""What train.py refuses before any process group starts or any file is written (exit 2, one line).
+
+Each case runs the command's own entry, `dist_train.main.main(argv)`, on real files.
+"""
+
+from __future__ import annotations
+
+import json
+
+from dist_train.main import main
+
+from run_helpers import REPO
+
+CONFIG = str(REPO / "configs" / "test_tiny.yaml")
+
+
+def test_a_deepspeed_file_that_contradicts_train_precision_is_refused(make_shards, tmp_path, capsys):
+    shards = make_shards()
+    user_file = tmp_path / "ds.json"
+    user_file.write_text(json.dumps({"fp16": {"enabled": True}}))
+    code = main(["--config", CONFIG, "--set", *shards.overrides(), f"run_root={tmp_path / 'runs'}",
+                 "engine.kind=deepspeed", "train.precision=bf16", f"engine.deepspeed_config={user_file}"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1, error
+    assert "fp16" in error[0] and "bf16" in error[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_shards_of_a_build_that_stopped_midway_are_refused(make_shards, tmp_path, capsys):
+    shards = make_shards()
+    (shards.root / ".parts").mkdir()
+    code = main(["--config", CONFIG, "--set", *shards.overrides(), f"run_root={tmp_path / 'runs'}"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1, error
+    assert "data.train_shards" in error[0] and "rerun the same build command" in error[0]
+    assert not (tmp_path / "runs").exists()
