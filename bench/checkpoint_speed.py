@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,9 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_row, free_port, load_average  # noqa: E402
+from common import append_row, free_port, load_average
 
 
 class Engine:
@@ -67,7 +64,7 @@ class Engine:
 
 def build_state(args):
     from dist_train.config import ModelConfig
-    from dist_train.model import build_model
+    from dist_train.model.network import build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=args.backbone, pretrained="none"))
@@ -108,8 +105,8 @@ def rank_main(rank: int, world_size: int, port: int, queue, args) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from dist_train.distributed import DistEnv
     from dist_train.train import checkpoint
+    from dist_train.train.distributed import DistEnv
     from dist_train.train.state import StreamState, TrainerState
 
     env = DistEnv(rank=rank, world_size=world_size)

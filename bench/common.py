@@ -10,16 +10,11 @@ import datetime
 import os
 import platform
 import socket
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = "| date | benchmark | machine | cores | figures |\n| --- | --- | --- | --- | --- |\n"
-
-if str(ROOT) not in sys.path:  # the scripts run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
-
 
 def load_average() -> float:
     """One-minute load average: the context a reader needs to trust a timing on a shared machine."""

@@ -8,7 +8,7 @@ WebDataset shards of them at --size px (shards/build.py's preprocessing), and ex
 shard JPEGs as individual files in an ImageFolder layout. Then, in interleaved rounds (the best of
 --repeats counts, since the machine is shared), one epoch of each:
 
-  (a) ours:        TrainStream + make_loader (dist_train/data.py), --workers workers, v2 augmentation
+  (a) ours:        TrainStream + make_loader (dist_train/data/stream.py), --workers workers, v2 augmentation
                    (rotation 15, shift 0.1, brightness 0.8-1.2, hflip). Its Decoder decodes, augments the
                    8-bit PIL image (Augmenter: PIL affine, enhancers, flips) and converts once with
                    to_normalised_tensor, so each worker stacks and ships normalised float32 batches;
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
@@ -47,18 +46,16 @@ import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as F
+from common import append_row, load_average, verdict
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_row, load_average, verdict  # noqa: E402
-
-from dist_train.augment import Augmenter, to_normalised_tensor  # noqa: E402
-from dist_train.config import AugmentConfig, DataConfig  # noqa: E402
-from dist_train.data import Decoder, TrainStream, make_loader, shard_urls  # noqa: E402
-from dist_train.sharding import BuildOptions, build  # noqa: E402
-from dist_train.synthetic import generate  # noqa: E402
+from dist_train.config import AugmentConfig, DataConfig
+from dist_train.data.augment import Augmenter, to_normalised_tensor
+from dist_train.data.stream import Decoder, TrainStream, make_loader, shard_urls
+from dist_train.shards.build import BuildOptions, build
+from dist_train.shards.synthetic import generate
 
 V2_AUGMENT = AugmentConfig(rotation_deg=15, shift=0.1, brightness=[0.8, 1.2], hflip=True)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -33,7 +33,6 @@ import io
 import itertools
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,11 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as nnf
+from common import ROOT, append_row, load_average
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, append_row, load_average  # noqa: E402
 
 V2_AUGMENT = {"rotation_deg": 15, "shift": 0.1, "brightness": [0.8, 1.2], "hflip": True}
 
@@ -54,8 +51,8 @@ V2_AUGMENT = {"rotation_deg": 15, "shift": 0.1, "brightness": [0.8, 1.2], "hflip
 
 
 def ensure_shards(workdir: Path, n: int, size: int) -> Path:
-    from dist_train.sharding import BuildOptions, build
-    from dist_train.synthetic import generate
+    from dist_train.shards.build import BuildOptions, build
+    from dist_train.shards.synthetic import generate
 
     raw = round(size * 1.4)
     images, shards = workdir / f"gpu-images-n{n}-s{raw}", workdir / f"gpu-shards-n{n}-{size}"
@@ -72,9 +69,9 @@ def ensure_shards(workdir: Path, n: int, size: int) -> Path:
 
 def build_trainer(args, shards: Path, device: str, loader_factory=None):
     """The product's Trainer on the bench shards; `loader_factory` replaces its DataLoader (data from memory)."""
-    from dist_train import distributed
     from dist_train.config import config_from_dict
-    from dist_train.data import make_loader
+    from dist_train.data.stream import make_loader
+    from dist_train.train import distributed
     from dist_train.train.loop import Trainer
 
     cfg = config_from_dict({
@@ -140,7 +137,7 @@ def trainer_epoch(trainer, steps: int, epoch: int, device) -> float:
 
 def memory_loader_factory(args, device):
     """Batches already on the device, as many as asked: the loop's own cost without the input pipeline."""
-    from dist_train.data import Batch
+    from dist_train.data.stream import Batch
 
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     labels = (torch.rand(args.batch_size, device=device) < 0.2).float()
@@ -171,7 +168,7 @@ class ShardBytes(IterableDataset):
         self.urls, self.batch_size, self.batches = urls, batch_size, batches
 
     def __iter__(self):
-        from dist_train.data import assign_slots, cycled, sample_image_bytes, sample_label
+        from dist_train.data.stream import assign_slots, cycled, sample_image_bytes, sample_label
 
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -212,7 +209,7 @@ def gpu_decode_pipeline(trainer, args, device) -> tuple[float, float]:
     """(images/s of bytes -> nvJPEG -> GPU augment -> step, images/s of the GPU decode alone)."""
     from torchvision.io import decode_jpeg
 
-    from dist_train.data import shard_urls
+    from dist_train.data.stream import shard_urls
 
     mean, std = trainer.model.data_config["mean"], trainer.model.data_config["std"]
     augment = GpuAugment(mean, std, device, torch.Generator(device=device).manual_seed(0))
@@ -241,7 +238,7 @@ def host_decode_rate(shards: Path, count: int = 64) -> float:
     """Images/s of one core decoding the shard JPEGs to RGB (PIL), as the workers do."""
     import tarfile
 
-    from dist_train.data import shard_urls
+    from dist_train.data.stream import shard_urls
 
     blobs = []
     with tarfile.open(shard_urls(str(shards / "train-*.tar"))[0]) as tar:

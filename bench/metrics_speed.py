@@ -11,19 +11,15 @@ bench/RESULTS.md.
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import append_row, free_port
 from sklearn.metrics import roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_row, free_port  # noqa: E402  (runs from a checkout without installing)
-
-from dist_train import metrics  # noqa: E402
+from dist_train.evaluation import metrics
 
 SCORES = 1_000_000
 POSITIVE_RATE = 0.02

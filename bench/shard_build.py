@@ -15,18 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import append_row
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_row  # noqa: E402  (runs from a checkout without installing)
-
-from dist_train.sharding import BuildOptions, build  # noqa: E402
-from dist_train.synthetic import generate  # noqa: E402
+from dist_train.shards.build import BuildOptions, build
+from dist_train.shards.synthetic import generate
 
 
 def decode_rate(paths: list[Path], draft_side: int | None) -> float:

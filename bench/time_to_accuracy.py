@@ -33,8 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, append_row, load_average  # noqa: E402
+from common import ROOT, append_row, load_average
 
 PRESETS = {"v1": "configs/airogs_v1_baseline.yaml", "v2": "configs/airogs_v2.yaml", "v3": "configs/airogs_v3.yaml"}
 PRESET_EPOCHS = {"v1": 30, "v2": 15, "v3": 20}

@@ -31,17 +31,14 @@ import argparse
 import contextlib
 import itertools
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from common import ROOT, append_row, free_port, load_average, verdict
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, append_row, free_port, load_average, verdict  # noqa: E402
 
 MEMORY_BATCHES = 4
 """Distinct in-memory batches per rank, cycled."""
@@ -66,8 +63,8 @@ def ensure_tiny_shards(workdir: Path) -> Path:
     """Our Trainer reads class counts from real shards at start; their pixels are never used here."""
     shards = workdir / "tiny-shards"
     if not (shards / "manifest.json").is_file():
-        from dist_train.sharding import BuildOptions, build
-        from dist_train.synthetic import generate
+        from dist_train.shards.build import BuildOptions, build
+        from dist_train.shards.synthetic import generate
 
         generate(workdir / "tiny-images", 16, positive_rate=0.25, size=64, seed=0)
         build([workdir / "tiny-images"], workdir / "tiny-images" / "labels.csv", shards,
@@ -83,7 +80,7 @@ class OursRunner:
 
     def __init__(self, env, args, batches, engine: str = "ddp", zero_stage: int = 0):
         from dist_train.config import config_from_dict
-        from dist_train.data import Batch
+        from dist_train.data.stream import Batch
         from dist_train.train.loop import Trainer
 
         def memory_loader(stream, cfg, pin_memory, timeout_s=0):
@@ -118,7 +115,7 @@ class MinimalRunner:
     def __init__(self, env, args, batches):
         from torch.nn.parallel import DistributedDataParallel
 
-        from dist_train.model import build_model
+        from dist_train.model.network import build_model
 
         torch.manual_seed(0)
         self.module = build_model(model_config())
@@ -149,7 +146,7 @@ class LightningRunner:
     def __init__(self, env, args, batches):
         import lightning as L
 
-        from dist_train.model import build_model
+        from dist_train.model.network import build_model
 
         torch.manual_seed(0)
         network = build_model(model_config())
@@ -210,7 +207,7 @@ def rank_main(rank: int, world_size: int, port: int, queue, args) -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    from dist_train import distributed
+    from dist_train.train import distributed
 
     env = distributed.init_distributed("cpu", timeout_s=600)
     batches = make_batches(rank, args)

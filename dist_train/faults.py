@@ -16,7 +16,7 @@ from collections import Counter
 
 import torch
 
-from dist_train import preemption
+from dist_train.train import preemption
 
 _SPEC = os.environ.get("DIST_TRAIN_FAULT", "")
 _RANK = os.environ.get("DIST_TRAIN_FAULT_RANK")

@@ -20,15 +20,15 @@ import warnings
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from dist_train import preemption
 from dist_train.cli_help import ArgumentParser, exit_codes
 from dist_train.config import Config, ConfigError, blame_override, load_config, save_config
 from dist_train.errors import DistTrainError, RunLocked, RunRefused, WeightsError, one_line
-from dist_train.resume_check import ResumeRefused, check_resume, has_history, move_aside
 from dist_train.summary import format_summary
+from dist_train.train import preemption
+from dist_train.train.resume_check import ResumeRefused, check_resume, has_history, move_aside
 
 if TYPE_CHECKING:
-    from dist_train.distributed import DistEnv
+    from dist_train.train.distributed import DistEnv
 
 log = logging.getLogger("dist_train")
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     under_launcher = preemption.installed()  # submitit's TrainingJob installed them and requeues on Preempted
     if not under_launcher:
         preemption.install_handlers()  # before any DataLoader worker forks: workers inherit and ignore them
-    from dist_train import distributed
+    from dist_train.train import distributed
 
     env = distributed.init_distributed(cfg.train.device, cfg.engine.timeout_s, always=cfg.engine.kind == "deepspeed")
     _setup_logging(env)
@@ -112,8 +112,8 @@ def preflight(cfg: Config, source: str, overrides: list[str]) -> None:
 
 
 def _preflight(cfg: Config, source: str) -> None:
-    from dist_train.data import DataError, shard_urls
-    from dist_train.model import check_backbone_name, check_pretrained
+    from dist_train.data.stream import DataError, shard_urls
+    from dist_train.model.network import check_backbone_name, check_pretrained
     from dist_train.train.engine.zero_config import check_deepspeed_file
 
     for key in ("train_shards", "val_shards"):
@@ -139,7 +139,7 @@ def _preflight(cfg: Config, source: str) -> None:
 
 def _refuse_unfinished_builds(cfg: Config, source: str) -> None:
     """A shard folder whose build stopped midway holds tars without a manifest: not a shard set to train on."""
-    from dist_train.sharding import unfinished_build
+    from dist_train.shards.verify import unfinished_build
 
     for key in ("train_shards", "val_shards"):
         folder = Path(getattr(cfg.data, key)).parent
@@ -192,7 +192,7 @@ def _claim_on_main(cfg: Config, env: DistEnv, resume: str) -> tuple[IO[str] | No
     """Rank 0 checks the resume against the checkpoint's config, takes the run directory's lock, moves an
     earlier run aside for a fresh start and saves the config, in that order, so a refusal changes
     nothing; every rank gets the verdict (refusal, allowed config changes)."""
-    from dist_train import distributed
+    from dist_train.train import distributed
 
     lock, verdict = None, (None, [])
     if env.is_main:

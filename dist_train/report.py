@@ -1,7 +1,7 @@
 """Run reports and comparisons, read from the files a run leaves behind (or from wandb).
 
 A run directory holds config.yaml (the resolved config), metrics.jsonl (see dist_train.tracking),
-summary.json and, once evaluated, predictions_val.csv (`evaluate.PREDICTION_COLUMNS`). Everything here reads
+summary.json and, once evaluated, predictions_val.csv (`scoring.PREDICTION_COLUMNS`). Everything here reads
 those files only, so a report can be rebuilt from a copied run directory long after training,
 on a machine without GPUs, wandb or network. The HTML report is one self-contained file (images
 inlined as base64 PNG, no external CSS/JS/URLs) so that it survives being mailed or archived.
@@ -26,9 +26,9 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from dist_train import metrics
 from dist_train.errors import UserError
-from dist_train.evaluate import PREDICTION_COLUMNS
+from dist_train.evaluation import metrics
+from dist_train.evaluation.scoring import PREDICTION_COLUMNS
 from dist_train.tracking import has_wandb_credentials, scrub_secrets
 
 Rows = list[tuple[str, list[Any]]]

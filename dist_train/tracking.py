@@ -30,8 +30,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dist_train.config import Config, to_dict
-from dist_train.distributed import DistEnv
 from dist_train.redact import scrub_secrets, secret_values
+from dist_train.train.distributed import DistEnv
 
 _WANDB_INIT_TIMEOUT_S = 60
 """An online init that cannot reach the server gives up after this long and tracking goes local."""

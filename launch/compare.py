@@ -10,9 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dist_train import report  # noqa: E402  (runs from a checkout without installing)
-from dist_train.cli_help import ArgumentParser, exit_codes  # noqa: E402
+from dist_train import report
+from dist_train.cli_help import ArgumentParser, exit_codes
 
 EXIT_CODES = {0: "table printed", 1: "no wandb run matched",
               2: "bad input: not a run directory, both or neither of runs and --wandb-project, wandb unavailable"}

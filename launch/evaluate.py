@@ -18,14 +18,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dist_train import metrics  # noqa: E402
-from dist_train.cli_help import ArgumentParser  # noqa: E402
-from dist_train.data import DataError, split_counts  # noqa: E402
-from dist_train.evaluate import Scores, write_predictions  # noqa: E402
-from dist_train.inference import InputError, Predictor  # noqa: E402
-from dist_train.predict_cli import (  # noqa: E402
+from dist_train.cli_help import ArgumentParser
+from dist_train.data.manifest import split_counts
+from dist_train.errors import DataError
+from dist_train.evaluation import metrics
+from dist_train.evaluation.inference import InputError, Predictor
+from dist_train.evaluation.predict_cli import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     add_common_arguments,
@@ -39,7 +37,8 @@ from dist_train.predict_cli import (  # noqa: E402
     report_skipped,
     resolve_shards,
 )
-from dist_train.sharding import ShardInputError, find_images, offenders, read_labels  # noqa: E402
+from dist_train.evaluation.scoring import Scores, write_predictions
+from dist_train.shards.inputs import ShardInputError, find_images, offenders, read_labels
 
 WRITTEN = ("report.json", "roc.png", "predictions.csv")
 

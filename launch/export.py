@@ -6,11 +6,9 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dist_train.cli_help import ArgumentParser, exit_codes  # noqa: E402
-from dist_train.errors import CheckpointError  # noqa: E402
-from dist_train.inference import export  # noqa: E402
+from dist_train.cli_help import ArgumentParser, exit_codes
+from dist_train.errors import CheckpointError
+from dist_train.evaluation.inference import export
 
 
 def main(argv: list[str]) -> int:

@@ -14,13 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dist_train.cli_help import ArgumentParser  # noqa: E402
-from dist_train.data import DataError, split_counts  # noqa: E402
-from dist_train.evaluate import Scores, write_predictions  # noqa: E402
-from dist_train.inference import InputError, Predictor, list_images  # noqa: E402
-from dist_train.predict_cli import (  # noqa: E402
+from dist_train.cli_help import ArgumentParser
+from dist_train.data.manifest import split_counts
+from dist_train.errors import DataError
+from dist_train.evaluation.inference import InputError, Predictor, list_images
+from dist_train.evaluation.predict_cli import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     add_common_arguments,
@@ -34,6 +32,7 @@ from dist_train.predict_cli import (  # noqa: E402
     report_skipped,
     resolve_shards,
 )
+from dist_train.evaluation.scoring import Scores, write_predictions
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -9,9 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dist_train.cli_help import ArgumentParser, exit_codes  # noqa: E402  (runs from a checkout without installing)
-from dist_train.report import RUN_FILES, not_run_dirs, write_report  # noqa: E402
+from dist_train.cli_help import ArgumentParser, exit_codes
+from dist_train.report import RUN_FILES, not_run_dirs, write_report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

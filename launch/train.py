@@ -14,16 +14,13 @@ import contextlib
 import os
 import signal
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dist_train.cli_help import ArgumentParser  # noqa: E402
-from dist_train.main import build_parser as build_run_parser  # noqa: E402
-from dist_train.main import main, run_argv  # noqa: E402
+from dist_train.cli_help import ArgumentParser
+from dist_train.main import build_parser as build_run_parser
+from dist_train.main import main, run_argv
 
 NOTICES = (signal.SIGTERM, signal.SIGUSR2)
-"""What SLURM (and a person ending a run) sends before the end; dist_train.preemption acts on both."""
+"""What SLURM (and a person ending a run) sends before the end; dist_train.train.preemption acts on both."""
 TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 """The signals torchrun may still treat as its death: torchrun's default list without SIGTERM."""
 
@@ -58,7 +55,7 @@ def _refusal(args: argparse.Namespace) -> str | None:
     """What rank 0 would refuse, found before torchrun starts any rank: one line, or None."""
     from dist_train.config import ConfigError, load_config
     from dist_train.main import preflight
-    from dist_train.resume_check import ResumeRefused, check_resume
+    from dist_train.train.resume_check import ResumeRefused, check_resume
 
     try:
         cfg = load_config(args.config, args.set)

@@ -11,20 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dist_train.cli_help import ArgumentParser, exit_codes  # noqa: E402
-from dist_train.sharding import (  # noqa: E402
-    MAX_ASPECT_RATIO,
-    BuildOptions,
-    ShardInputError,
-    TooManyRejectedError,
-    UnfinishedBuildError,
-    build,
-    verify,
-)
+from dist_train.cli_help import ArgumentParser, exit_codes
+from dist_train.shards.build import MAX_ASPECT_RATIO, BuildOptions, TooManyRejectedError, build
+from dist_train.shards.inputs import ShardInputError
+from dist_train.shards.verify import UnfinishedBuildError, verify
 
 BUILD_EXIT_CODES = exit_codes({0: "built (or resumed to the end)",
                                1: "more unreadable images than --max-rejected-fraction allows",

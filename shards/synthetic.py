@@ -6,12 +6,9 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dist_train.cli_help import ArgumentParser, exit_codes  # noqa: E402
-from dist_train.synthetic import generate  # noqa: E402
+from dist_train.cli_help import ArgumentParser, exit_codes
+from dist_train.shards.synthetic import generate
 
 
 def main(argv: list[str] | None = None) -> int:

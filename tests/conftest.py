@@ -62,7 +62,7 @@ def free_port() -> int:
 def _signal_handlers_restored(monkeypatch):
     """Tests that call a command's `main()` in-process install its preemption handlers in pytest's own
     process; each test starts with the handlers, their owner and the notice flag as they were."""
-    from dist_train import preemption
+    from dist_train.train import preemption
 
     monkeypatch.setattr(preemption, "_owner_pid", preemption._owner_pid)
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR2)}

@@ -30,7 +30,7 @@ def world_size(*sizes: int) -> pytest.MarkDecorator:
 
 def run_on_ranks(fn: Callable[..., Any], world: int, *args: Any, spawn: bool = False) -> list[Any]:
     if world == 1 and not spawn:
-        from dist_train.distributed import DistEnv
+        from dist_train.train.distributed import DistEnv
 
         return [fn(DistEnv(), *args)]
     with tempfile.TemporaryDirectory() as scratch:
@@ -43,7 +43,7 @@ def _rank_main(rank: int, world: int, port: int, scratch: str, fn: Callable[...,
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                       DS_ACCELERATOR="cpu", WANDB_MODE="offline", WANDB_SILENT="true")
-    from dist_train import distributed
+    from dist_train.train import distributed
 
     env = distributed.init_distributed("cpu", 60, always=True)
     try:

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dist_train import metrics, report
+from dist_train import report
 from dist_train.config import config_from_dict, save_config
-from dist_train.distributed import DistEnv
+from dist_train.evaluation import metrics
 from dist_train.tracking import Tracker
+from dist_train.train.distributed import DistEnv
 
 EPOCHS, STEPS_PER_EPOCH, VAL_SIZE = 5, 4, 600
 REPO = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dist_train import job_outcome, slurm, submit_cli
 from dist_train.config import SlurmConfig
+from dist_train.slurm import cli, job, outcome
 
 from conftest import REPO, write_shards
 
@@ -82,30 +82,30 @@ def test_config_slurm_section_gives_defaults_and_options_win(tmp_path, shard_set
     (["--sweep", "optim.lr=0"], "optim.lr"),  # every combination is validated before anything is submitted
 ])
 def test_bad_input_exits_2_before_submitting(tmp_path, capsys, shard_set, extra, message):
-    assert submit_cli.cli(["--config", TINY, "--set", f"run_root={tmp_path}", *shard_set, "--local", *extra]) == 2
+    assert cli.cli(["--config", TINY, "--set", f"run_root={tmp_path}", *shard_set, "--local", *extra]) == 2
     stderr = capsys.readouterr().err
     assert stderr.startswith("error: ") and message in stderr
     assert [path.name for path in tmp_path.iterdir()] == ["shards"]
 
 
 def test_sweep_expansion_and_names():
-    combinations = slurm.expand_sweep(["optim.lr=1e-4,2e-4", "loss.gamma=2"])
+    combinations = job.expand_sweep(["optim.lr=1e-4,2e-4", "loss.gamma=2"])
     assert combinations == [[("optim.lr", "1e-4"), ("loss.gamma", "2")], [("optim.lr", "2e-4"), ("loss.gamma", "2")]]
-    assert slurm.expand_sweep([]) == [[]]
-    assert slurm.sweep_run_name("v2", [("data.train_shards", "a/b*.tar")]) == "v2-train_shardsa_b_.tar"
+    assert job.expand_sweep([]) == [[]]
+    assert job.sweep_run_name("v2", [("data.train_shards", "a/b*.tar")]) == "v2-train_shardsa_b_.tar"
 
 
 def test_gpus_mean_one_task_each():
-    resources = slurm.resolve_resources({"gpus_per_node": 4, "nodes": None}, SlurmConfig(nodes=2, tasks_per_node=1))
+    resources = job.resolve_resources({"gpus_per_node": 4, "nodes": None}, SlurmConfig(nodes=2, tasks_per_node=1))
     assert (resources.nodes, resources.tasks_per_node, resources.gpus_per_node) == (2, 4, 4)
 
 
 def test_only_rank_0_requeues_after_the_checkpoint():
     calls = []
-    slurm.TrainingJob._requeue(lambda signum, frame: calls.append(signum), rank=0)
+    job.TrainingJob._requeue(lambda signum, frame: calls.append(signum), rank=0)
     assert calls == [signal.SIGUSR2]
     with pytest.raises(SystemExit) as leaving:
-        slurm.TrainingJob._requeue(lambda signum, frame: calls.append(signum), rank=1)
+        job.TrainingJob._requeue(lambda signum, frame: calls.append(signum), rank=1)
     assert leaving.value.code == 0 and len(calls) == 1
 
 
@@ -256,18 +256,18 @@ def test_error_line_is_what_a_person_reads_first():
     around it; a bare traceback gives its last exception line; torch's `[rankN]:` prefix is dropped."""
     main_said = ("INFO starting\n[rank0]: Traceback (most recent call last):\n[rank0]: RuntimeError: dist_train.main "
                  "exited with code 2 on rank 0 (vm):\n[rank0]: error: cannot read shard a.tar\nerror: a later one\n")
-    assert job_outcome.error_line(main_said) == "cannot read shard a.tar"
+    assert outcome.error_line(main_said) == "cannot read shard a.tar"
     raised = ('Traceback (most recent call last):\n  File "x.py", line 1\nKeyError: 3\n\nDuring handling...\n'
               "ValueError: bad\n")
-    assert job_outcome.error_line(raised) == "ValueError: bad"
-    assert job_outcome.error_line("INFO all fine\nwarning: slow disk\n") is None
+    assert outcome.error_line(raised) == "ValueError: bad"
+    assert outcome.error_line("INFO all fine\nwarning: slow disk\n") is None
 
 
 def test_srun_order_names_the_task_that_took_the_step_down():
     """srun's lines in the batch log, as a two-node step ends after rank 1 is killed (hand-written)."""
     log = ("srun: error: node2: task 1: Killed\nsrun: launch/slurm: _step_signal: Terminating StepId=7.0\n"
            "srun: error: node1: tasks 0,2-3: Exited with exit code 1\n")
-    assert job_outcome.srun_reports(log) == {1: (0, "node2: task 1: Killed"),
+    assert outcome.srun_reports(log) == {1: (0, "node2: task 1: Killed"),
                                              0: (1, "node1: task 0: Exited with exit code 1"),
                                              2: (1, "node1: task 2: Exited with exit code 1"),
                                              3: (1, "node1: task 3: Exited with exit code 1")}

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_train import metrics, tracking
+from dist_train import tracking
 from dist_train.config import Config, config_from_dict, to_dict
-from dist_train.distributed import DistEnv
+from dist_train.evaluation import metrics
 from dist_train.redact import scrub_secrets
 from dist_train.tracking import Tracker
+from dist_train.train.distributed import DistEnv
 
 FAKE_API_KEY = "sk-FAKE" + "0123456789abcdef" * 2
 FAKE_TOKEN = "tok-FAKE-9f8e7d6c5b4a"
@@ -211,7 +212,7 @@ def test_wandb_failure_becomes_a_warning_and_training_goes_on(tmp_path, monkeypa
 def test_disabled_wandb_is_never_imported(tmp_path):
     script = (
         "import sys; from pathlib import Path\n"
-        "from dist_train.config import config_from_dict; from dist_train.distributed import DistEnv\n"
+        "from dist_train.config import config_from_dict; from dist_train.train.distributed import DistEnv\n"
         "from dist_train.tracking import Tracker\n"
         "cfg = config_from_dict({'data': {'train_shards': 'a', 'val_shards': 'b'},\n"
         "                        'tracking': {'progress': 'plain'}})\n"

@@ -27,17 +27,20 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dist_train import distributed, faults
-from dist_train.distributed import DistEnv
+from dist_train import faults
 from dist_train.errors import CheckpointError, one_line
-from dist_train.train.engine import Engine
-from dist_train.train.state import Stateful
+from dist_train.train import distributed
+from dist_train.train.distributed import DistEnv
+
+if TYPE_CHECKING:  # the checkpoint format is read without the engines (export, resume checks)
+    from dist_train.train.engine import Engine
+    from dist_train.train.state import Stateful
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_train import distributed
-from dist_train.distributed import DistEnv
+from dist_train.train import distributed
+from dist_train.train.distributed import DistEnv
 
 
 @dataclass

@@ -18,35 +18,25 @@ from typing import Any
 
 import torch
 
-from dist_train import distributed, evaluate, faults, metrics, preemption
-from dist_train.augment import Augmenter, Normaliser
+from dist_train import faults
 from dist_train.config import Config, to_dict
-from dist_train.data import (
+from dist_train.data.augment import Augmenter, Normaliser
+from dist_train.data.manifest import shard_preprocessing, split_counts, verify_against_manifest
+from dist_train.data.stream import (
     Batch,
     Decoder,
     EvalStream,
     TrainStream,
     make_loader,
-    shard_preprocessing,
     shard_urls,
-    split_counts,
     steps_per_epoch,
-    verify_against_manifest,
 )
-from dist_train.distributed import DistEnv
 from dist_train.errors import DataError, DistTrainError, TrainingStopped, one_line
-from dist_train.health import no_positives_message, starved_of_positives, val_loss_rising
-from dist_train.losses import build_loss
-from dist_train.model import build_model, prepare_model
-from dist_train.redact import scrub_secrets
-from dist_train.tracking import Tracker
-from dist_train.train.checkpoint import Checkpointer, read_trainer_state
-from dist_train.train.engine import build_engine
-from dist_train.train.epoch_stats import EpochStats, EpochSums
-from dist_train.train.state import Decision, RNGState, Stateful, Stop, StreamState, TrainerState
-from dist_train.unfreeze import (
+from dist_train.evaluation import metrics, scoring
+from dist_train.model.losses import build_loss
+from dist_train.model.network import build_model, prepare_model
+from dist_train.model.optim import (
     LRSchedule,
-    UnfreezeSchedule,
     build_optimizer,
     global_batch_size,
     lr_scale,
@@ -54,6 +44,18 @@ from dist_train.unfreeze import (
     optimizer_param_groups,
     phase_peak_lrs,
 )
+from dist_train.model.unfreeze import UnfreezeSchedule
+from dist_train.redact import scrub_secrets
+from dist_train.tracking import Tracker
+from dist_train.train import distributed, preemption
+from dist_train.train.bad_samples import BadSamples
+from dist_train.train.checkpoint import Checkpointer, read_trainer_state
+from dist_train.train.decisions import decide
+from dist_train.train.distributed import DistEnv
+from dist_train.train.engine import build_engine
+from dist_train.train.epoch_stats import EpochStats, EpochSums
+from dist_train.train.health import val_loss_rising
+from dist_train.train.state import Decision, RNGState, Stateful, Stop, StreamState, TrainerState
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +63,14 @@ LoaderFactory = Callable[..., Iterable[Batch]]
 """`make_loader`'s signature: (dataset, data config, pin_memory, timeout_s) -> an iterable of Batch."""
 
 
+def training_loader(*args: Any) -> Iterable[Batch]:
+    """`make_loader` with workers that outlive a preemption notice (SLURM signals every process of a step)."""
+    return make_loader(*args, worker_init_fn=preemption.ignore_in_worker)
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, resume_from: Path | None = None, *,
-                 loader_factory: LoaderFactory = make_loader, config_changes: list[str] | None = None):
+                 loader_factory: LoaderFactory = training_loader, config_changes: list[str] | None = None):
         """`config_changes`: how this run's config differs from the checkpoint's (resume_check), for the log."""
         self.cfg, self.env, self.run_dir = cfg, env, cfg.run_dir
         self.loader_factory, self.config_changes = loader_factory, config_changes or []
@@ -94,7 +101,7 @@ class Trainer:
         self.normalise = Normaliser(mean, std, env.device)
         self.decoders = self._decoders(mean, std)
         self.state, self.stream, self.rng = TrainerState(), StreamState(), RNGState()
-        self.bad_this_epoch: set[tuple[str, str]] = set()
+        self.bad_samples = BadSamples(env, self.train_counts.samples, cfg.data.max_bad_fraction)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", env, cfg.checkpoint.keep_last)
         saved = self._resume(resume_from) if resume_from else None
         self.wall_base = self.state.wall_time_s
@@ -220,7 +227,7 @@ class Trainer:
                              shard_samples=self.train_counts.per_shard)
         pin_memory = self.cfg.data.pin_memory and self.env.device.type == "cuda"
         for batch in self.loader_factory(stream, self.cfg.data, pin_memory, self.cfg.engine.timeout_s):
-            self._count_bad(batch)
+            self.bad_samples.note(batch)
             if batch.keys:
                 yield batch
 
@@ -263,7 +270,7 @@ class Trainer:
         the resumed run evaluates it first.
         """
         self.state.seen_samples += stats.samples
-        self._check_bad_fraction()
+        self.state.bad_samples = max(self.state.bad_samples, self.bad_samples.end_epoch())
         if self._notice():
             self._preempt(f"preemption notice after epoch {epoch}'s training: checkpointing before evaluation")
         self.state.epoch, self.state.epoch_start_step = epoch + 1, self.state.step
@@ -295,7 +302,7 @@ class Trainer:
         local = self._score()
         decision, failure = Decision(), None
         try:
-            merged = evaluate.gather_scores(self.env, local, self.val_counts.samples)
+            merged = scoring.gather_scores(self.env, local, self.val_counts.samples)
             if merged is not None:
                 record = self._record(epoch, stats, merged)
                 decision = self._decide(epoch, stats, record)
@@ -309,25 +316,25 @@ class Trainer:
         self.lr_schedule.load_state_dict(schedule)
         return decision
 
-    def _score(self) -> evaluate.Scores:
+    def _score(self) -> scoring.Scores:
         """This rank's share of the validation set, scored once, with the configured TTA."""
         stream = EvalStream(self.val_urls, self.decoders["eval"], self.cfg.eval.batch_size, self.env.rank,
                             self.env.world_size, self.cfg.data.workers, shard_samples=self.val_counts.per_shard)
         loader = self.loader_factory(stream, self.cfg.data, False, self.cfg.engine.timeout_s)
-        faults.point("evaluate.score")
-        return evaluate.score_stream(self.engine.module, loader, self.env.device, self.cfg.eval.tta, self.loss_fn,
+        faults.point("scoring.score")
+        return scoring.score_stream(self.engine.module, loader, self.env.device, self.cfg.eval.tta, self.loss_fn,
                                      self.engine.autocast, self.normalise)
 
-    def _record(self, epoch: int, train_stats: EpochStats, merged: evaluate.Scores) -> dict[str, Any]:
+    def _record(self, epoch: int, train_stats: EpochStats, merged: scoring.Scores) -> dict[str, Any]:
         """Rank 0: the official metrics and the epoch's figures; predictions, ROC plot and log written."""
-        faults.point("evaluate.record")
+        faults.point("scoring.record")
         record = metrics.compute_all(merged.labels, merged.scores, bootstrap=self.cfg.eval.bootstrap)
         record.update(epoch=epoch, val_loss=merged.loss_sum / max(len(merged.keys), 1),
                       predicted_positives=sum(score > 0.5 for score in merged.scores),
                       train_loss=train_stats.loss_sum / max(train_stats.samples, 1),
                       train_recall=train_stats.true_positives / max(train_stats.positives, 1),
                       train_predicted_positives=train_stats.predicted_positives)
-        evaluate.write_predictions(self.run_dir / "predictions_val.csv", merged)
+        scoring.write_predictions(self.run_dir / "predictions_val.csv", merged)
         roc_png = self.run_dir / "plots" / f"roc-epoch{epoch:03d}.png"
         roc_png.parent.mkdir(parents=True, exist_ok=True)
         metrics.plot_roc(merged.labels, merged.scores, roc_png)
@@ -337,27 +344,12 @@ class Trainer:
         return record
 
     def _decide(self, epoch: int, stats: EpochStats, record: dict[str, Any]) -> Decision:
-        """Rank 0 only: best metric, early stopping and the training-health rules."""
-        state, health = self.state, self.cfg.health
-        value = record[self.cfg.eval.metric]
-        improved = value == value and (state.best_metric is None or value > state.best_metric)
-        if improved:
-            state.best_metric, state.best_epoch, state.evals_without_improvement = value, epoch, 0
-            state.best_record = {name: record[name] for name in ("alpha", "beta", "auc", "beta_threshold")}
+        """Rank 0 only: the rules' verdict, the best predictions kept, a rising validation loss warned of."""
+        decision = decide(self.state, self.cfg, epoch, stats.predicted_positives, record)
+        if decision.improved:
             shutil.copyfile(self.run_dir / "predictions_val.csv", self.run_dir / "predictions_best.csv")
-        else:
-            state.evals_without_improvement += 1
-        if stats.predicted_positives > 0 and state.first_positive_epoch is None:
-            state.first_positive_epoch = epoch
-        state.epochs_without_positives = 0 if stats.predicted_positives > 0 else state.epochs_without_positives + 1
         self._warn_val_loss(record["val_loss"])
-        limit = health.max_epochs_without_positives
-        if starved_of_positives(state.epochs_without_positives, limit):
-            return Decision(improved, Stop.HEALTH, no_positives_message(state.epochs_without_positives, limit))
-        patience = self.cfg.eval.early_stopping_patience
-        if patience is not None and state.evals_without_improvement >= patience:
-            return Decision(improved, Stop.EARLY, f"{self.cfg.eval.metric} did not improve for {patience} evaluations")
-        return Decision(improved)
+        return decision
 
     def _warn_val_loss(self, val_loss: float) -> None:
         self.state.val_loss_history.append(val_loss)
@@ -402,23 +394,6 @@ class Trainer:
             "epoch": epoch + (self.state.step - self.state.epoch_start_step) / self.steps_per_epoch,
             "loss": loss, "lr": lrs, "images_per_s": images_per_s, "phase": self.state.phase,
             "accumulation": self.cfg.train.accumulation_steps})
-
-    def _count_bad(self, batch: Batch) -> None:
-        """Each corrupt sample once per epoch, however often a slot cycles past it."""
-        for shard, key, reason in batch.bad:
-            if (shard, key) not in self.bad_this_epoch:
-                log.warning("rank %d skipped corrupt sample %s in %s: %s", self.env.rank, key, shard, reason)
-                self.bad_this_epoch.add((shard, key))
-
-    def _check_bad_fraction(self) -> None:
-        """Corrupt samples as a fraction of the training set (slots are disjoint, so rank counts add up)."""
-        bad = int(distributed.all_reduce_sum(self.env, torch.tensor([float(len(self.bad_this_epoch))]))[0])
-        self.state.bad_samples = max(self.state.bad_samples, bad)
-        self.bad_this_epoch = set()
-        limit = self.cfg.data.max_bad_fraction
-        if bad / max(self.train_counts.samples, 1) > limit:
-            raise DataError(f"{bad} corrupt samples out of {self.train_counts.samples} exceed "
-                            f"data.max_bad_fraction={limit}; the rank logs name each one")
 
     # ------------------------------------------------------------ checkpoints
 

@@ -19,8 +19,8 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 
 from dist_train import compat
-from dist_train.distributed import DistEnv
 from dist_train.errors import CheckpointError
+from dist_train.train.distributed import DistEnv
 
 
 def save(folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -12,8 +12,8 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from dist_train import distributed
-from dist_train.data import StreamPosition
+from dist_train.data.stream import StreamPosition
+from dist_train.train import distributed
 
 
 class Stateful(Protocol):

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 from dist_train.config import config_from_dict
-from dist_train.model import build_model
+from dist_train.model.network import build_model
 
 from conftest import free_port
 
@@ -46,9 +46,10 @@ def _model():
 def _train_rank(rank: int, port: int, engine_kind: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    from dist_train.distributed import init_distributed
+    from dist_train.model.optim import build_optimizer
+    from dist_train.model.unfreeze import UnfreezeSchedule
+    from dist_train.train.distributed import init_distributed
     from dist_train.train.engine import build_engine
-    from dist_train.unfreeze import UnfreezeSchedule, build_optimizer
 
     env = init_distributed("cpu", 60)
     cfg = _config(engine_kind, ACCUMULATION)

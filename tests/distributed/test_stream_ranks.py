@@ -1,6 +1,6 @@
 """The shard stream under a real gloo group: 2 ranks x 2 DataLoader workers, uneven shards.
 
-Each rank streams its own share and the keys meet on rank 0 through dist_train.distributed, as the
+Each rank streams its own share and the keys meet on rank 0 through dist_train.train.distributed, as the
 training loop's data do: equal batch counts, disjoint training samples, reproducible order per seed,
 and exactly-once validation.
 """
@@ -15,7 +15,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from dist_train.config import DataConfig
-from dist_train.data import Decoder, EvalStream, TrainStream, iterate_shard, make_loader
+from dist_train.data.stream import Decoder, EvalStream, TrainStream, iterate_shard, make_loader
 
 from conftest import free_port, write_shards
 
@@ -26,7 +26,7 @@ WORLD, WORKERS, MICRO_BATCHES = 2, 2, 7
 def _rank(rank: int, port: int, root: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from dist_train import distributed
+    from dist_train.train import distributed
 
     env = distributed.init_distributed("cpu", 60)
     data = DataConfig(train_shards="-", val_shards="-", workers=WORKERS, shuffle_buffer=8)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from dist_train.config import load_config
-from dist_train.distributed import seed_everything
-from dist_train.inference import export
-from dist_train.model import build_model, load_for_inference
+from dist_train.evaluation.inference import export
+from dist_train.model.network import build_model, load_for_inference
+from dist_train.train.distributed import seed_everything
 
 from conftest import write_shards
 from run_helpers import REPO, consolidated_weights, kill_after_checkpoint, latest_checkpoint, run_training

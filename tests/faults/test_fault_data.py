@@ -169,7 +169,7 @@ def test_missing_shard_stops_with_its_name(clean_shards, tmp_path):
 
 def test_shard_removed_after_start_stops_with_its_name(clean_shards, tmp_path):
     """Scenario 4: a shard that vanishes while the run is going: exit 2, the error line names it."""
-    from dist_train.data import DataError, iterate_shard
+    from dist_train.data.stream import DataError, iterate_shard
 
     missing = tmp_path / "train-000009.tar"
     with pytest.raises(DataError, match=f"cannot open shard {missing}"):

@@ -1,7 +1,7 @@
 """Plain `srun python -m dist_train.main` on two nodes, two jobs at once, against the real test cluster.
 
 No launcher exports MASTER_ADDR/MASTER_PORT here: each rank derives them from SLURM's node list and job
-id (dist_train/rendezvous.py). The test cluster's nodes share one network namespace, so two jobs that
+id (dist_train/train/rendezvous.py). The test cluster's nodes share one network namespace, so two jobs that
 meet on one fixed port (127.0.0.1:29500, as before the fix) collide, and only the job's own port keeps
 them apart. Start the cluster first: `tests/slurm/local_cluster.sh start && eval "$(tests/slurm/local_cluster.sh
 env)"`.

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from dist_train.config import ConfigError
-from dist_train.distributed import DistEnv
 from dist_train.train.checkpoint import read_pointer
+from dist_train.train.distributed import DistEnv
 from dist_train.train.engine.zero import check_deepspeed_file, deepspeed_config
 from dist_train.train.loop import Trainer
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train.data import TrainStream, make_loader
+from dist_train.data.stream import TrainStream, make_loader
 from dist_train.train.loop import Trainer
 
 from multiprocess import run_on_ranks

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train.data import make_loader
-from dist_train.distributed import DistEnv
+from dist_train.data.stream import make_loader
 from dist_train.errors import TrainingStopped
 from dist_train.train.checkpoint import read_pointer
+from dist_train.train.distributed import DistEnv
 from dist_train.train.loop import Trainer
 
 from run_helpers import tiny_config as tiny

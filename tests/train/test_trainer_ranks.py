@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train import preemption
-from dist_train.data import EvalStream, make_loader
+from dist_train.data.stream import EvalStream, make_loader
 from dist_train.errors import TrainingStopped
+from dist_train.train import preemption
 from dist_train.train.checkpoint import read_pointer, read_trainer_state
 from dist_train.train.loop import Trainer
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_train.data import TrainStream, make_loader
+from dist_train.data.stream import TrainStream, make_loader
 from dist_train.train.checkpoint import read_pointer
 from dist_train.train.loop import Trainer
 

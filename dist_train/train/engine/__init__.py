@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from dist_train.config import Config
-from dist_train.distributed import DistEnv
-from dist_train.unfreeze import UnfreezeSchedule
+from dist_train.model.unfreeze import UnfreezeSchedule
+from dist_train.train.distributed import DistEnv
 
 
 class Engine(Protocol):

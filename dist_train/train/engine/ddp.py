@@ -1,6 +1,6 @@
 """DistributedDataParallel: `no_sync` inside an accumulation window, DCP for the tensors.
 
-Unfreezing keeps one optimizer for the run (see dist_train/unfreeze.py). A frozen parameter has
+Unfreezing keeps one optimizer for the run (see dist_train/model/unfreeze.py). A frozen parameter has
 requires_grad=False, so its grad stays None and the optimizer skips it; the DDP wrapper is rebuilt at
 a phase change because its reducer registers only the parameters that train when it is built.
 """
@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from dist_train.config import Config
-from dist_train.distributed import DistEnv
+from dist_train.model.unfreeze import UnfreezeSchedule
 from dist_train.train import sharded
+from dist_train.train.distributed import DistEnv
 from dist_train.train.engine import autocast
-from dist_train.unfreeze import UnfreezeSchedule
 
 
 class DDPEngine:

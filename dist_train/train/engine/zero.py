@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_train import compat, distributed
+from dist_train import compat
 from dist_train.config import Config
-from dist_train.distributed import DistEnv
 from dist_train.errors import CheckpointError
-from dist_train.train import sharded
+from dist_train.model.unfreeze import UnfreezeSchedule
+from dist_train.train import distributed, sharded
+from dist_train.train.distributed import DistEnv
 from dist_train.train.engine.zero_config import AUTOCAST_DTYPES, check_deepspeed_file, deepspeed_config
-from dist_train.unfreeze import UnfreezeSchedule
 
 __all__ = ["DeepSpeedEngine", "check_deepspeed_file", "deepspeed_config", "torch_optimizer"]
 

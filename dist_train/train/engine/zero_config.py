@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 
 from dist_train.config import Config, ConfigError
-from dist_train.distributed import DistEnv
 from dist_train.errors import one_line
+from dist_train.train.distributed import DistEnv
 
 AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 """train.precision -> the dtype of the generated torch_autocast section (fp32: autocast off)."""

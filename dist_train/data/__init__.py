@@ -1,0 +1,1 @@
+"""Reading shards into batches: the stream, augmentation, fundus transforms."""

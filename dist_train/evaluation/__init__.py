@@ -1,0 +1,1 @@
+"""Scoring, the official AIROGS metrics, export and prediction."""

@@ -1,0 +1,116 @@
+"""What launch/predict.py and launch/evaluate.py share: the same flags, checks and exit codes.
+
+Both commands check every input before loading a model or scoring an image, so a typo costs a second,
+not a run; both skip an unreadable image instead of dying on it, and say so in their exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from dist_train.cli_help import exit_codes
+from dist_train.data.stream import DataError, shard_urls
+from dist_train.evaluation.inference import InputError, Predictor
+from dist_train.evaluation.scoring import PREDICTION_COLUMNS, Scores
+from dist_train.shards.inputs import offenders
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SKIPPED = 0, 2, 1, 3
+EXIT_CODES = {EXIT_OK: "every image scored", EXIT_BAD_INPUT: "bad input, nothing written",
+              EXIT_SKIPPED: "finished, some images unreadable: named on stderr and in the CSV's error column"}
+COLUMNS_HELP = f"CSV columns: {','.join(PREDICTION_COLUMNS)}"
+
+
+def epilog(extra_codes: dict[int, str] | None = None) -> str:
+    """The help text's last paragraph: every exit code of the command, then the CSV columns."""
+    return f"{exit_codes({**EXIT_CODES, **(extra_codes or {})})}\n\n{COLUMNS_HELP}"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True,
+                        help="model.safetensors (with its .json beside it), or a run directory holding "
+                             "export/model.safetensors")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--progress", choices=("auto", "bar", "plain", "none"), default="auto",
+                        help="progress on stderr; auto: a bar on a terminal, plain lines in a log "
+                             "(default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace what an earlier run wrote to --out")
+
+
+def check_common(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size}: give 1 or more")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: no CUDA device on this machine; use --device cpu")
+
+
+def check_out_file(out: Path, overwrite: bool) -> None:
+    """--out must be a file we may write, and not the user's earlier output unless --overwrite."""
+    if out.is_dir():
+        raise InputError(f"--out {out}: is a folder; give a file name such as {out / 'predictions.csv'}")
+    if out.exists() and not overwrite:
+        raise InputError(f"--out {out}: exists; choose another file or pass --overwrite to replace it")
+    _check_writable(out.parent, out)
+
+
+def check_out_folder(out: Path, written: tuple[str, ...], overwrite: bool) -> None:
+    """--out must be a folder we may create or fill, holding none of `written` unless --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is a file; give a folder for {', '.join(written)}")
+    present = [name for name in written if (out / name).exists()]
+    if present and not overwrite:
+        raise InputError(f"--out {out}: already holds {', '.join(present)}; choose another folder or pass "
+                         "--overwrite to replace them")
+    _check_writable(out, out)
+
+
+def _check_writable(folder: Path, named: Path) -> None:
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {named}: cannot write under {existing}; choose another place")
+
+
+def resolve_shards(pattern: str) -> list[str]:
+    """The shard files of a WebDataset pattern, every local one present."""
+    try:
+        urls = shard_urls(pattern)
+    except DataError:
+        raise InputError(f"--shards {pattern}: no shards match; check the path (and quote a pattern with *)") from None
+    missing = [url for url in urls if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file()]
+    if missing:
+        raise InputError(f"--shards {pattern}: " + offenders("shards missing", missing))
+    return urls
+
+
+def load_predictor(args: argparse.Namespace) -> Predictor:
+    try:
+        return Predictor.load(args.model, args.device)
+    except (FileNotFoundError, ValueError) as error:
+        raise InputError(str(error)) from None
+
+
+def progress_mode(requested: str) -> str:
+    """As the training loop's tracking.progress reads it: auto is a bar on a terminal, plain lines in a log."""
+    if requested == "auto":
+        return "bar" if sys.stderr.isatty() else "plain"
+    return requested
+
+
+def report_skipped(scores: Scores) -> None:
+    """One stderr line per sample that could not be scored, naming its file (or shard) and why."""
+    for where, key, reason in scores.bad:
+        print(f"skipped {key} ({where}): {reason}", file=sys.stderr)
+
+
+def exit_code(scores: Scores) -> int:
+    return EXIT_SKIPPED if scores.bad else EXIT_OK
+
+
+def counts(scores: Scores) -> str:
+    return f"{len(scores.keys)} scored, {len(scores.bad)} skipped"

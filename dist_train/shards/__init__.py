@@ -1,0 +1,1 @@
+"""Offline data preparation: the shard builder and the synthetic fundus set."""

@@ -1,0 +1,1 @@
+"""Launching on SLURM through submitit, and reading a job's outcome."""

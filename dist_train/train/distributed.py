@@ -1,0 +1,157 @@
+"""Everything about ranks: environment discovery, process-group init, and the few collectives the loop needs.
+
+The rest of the code asks this module "am I rank 0?" and "gather this to rank 0"; it never touches
+torch.distributed directly. Environment discovery follows timm's `world_info_from_env`: torchrun
+(RANK/WORLD_SIZE), then SLURM (SLURM_PROCID/SLURM_NTASKS), else a single process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dist_train.train import rendezvous
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    node_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str = "gloo"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_initialized()
+
+
+def world_info_from_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun, SLURM or nothing (one process)."""
+    for rank_var, size_var, local_var in (
+        ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+        ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ):
+        if rank_var in os.environ and size_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ[size_var]), int(os.environ.get(local_var, 0))
+    return 0, 1, 0
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    """This rank's device. The index wraps over the visible GPUs: with `--gpus-per-task=1` or `--gpu-bind`
+    each task sees one GPU (index 0) whatever its local rank, and `set_device(local_rank)` would fail."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def init_distributed(device: str = "auto", timeout_s: int = 300, always: bool = False) -> DistEnv:
+    """Start the process group (NCCL on GPUs, gloo on CPU) when more than one rank runs, or `always`.
+
+    DeepSpeed needs a group even for one process (`always`); a lone process then picks a free port. Where
+    the ranks meet (a launcher's MASTER_ADDR/MASTER_PORT, else SLURM's node list and job id) is
+    `rendezvous.master_env`'s choice.
+    """
+    rank, world_size, local_rank = world_info_from_env()
+    torch_device = pick_device(device, local_rank)
+    backend = "nccl" if torch_device.type == "cuda" else "gloo"
+    if (world_size > 1 or always) and not dist.is_initialized():
+        os.environ.update(rendezvous.master_env(os.environ, world_size))
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
+        os.environ["LOCAL_RANK"] = str(local_rank)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                rank=rank, world_size=world_size)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1") or 1))
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank,
+                   node_rank=rank // max(local_world, 1), device=torch_device, backend=backend)
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.is_distributed:
+        dist.barrier()
+
+
+def broadcast_object(env: DistEnv, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (decisions such as early stopping)."""
+    if not env.is_distributed:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def gather_to_main(env: DistEnv, obj: Any) -> list[Any] | None:
+    """Every rank's `obj`, as a list on rank 0 and None elsewhere."""
+    if not env.is_distributed:
+        return [obj]
+    gathered: list[Any] | None = [None] * env.world_size if env.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def all_reduce_sum(env: DistEnv, values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over ranks (counts, losses); a copy, the input is untouched."""
+    total = values.detach().clone()
+    if env.is_distributed:
+        on_device = total.to(env.device) if env.backend == "nccl" else total
+        dist.all_reduce(on_device)
+        total = on_device.cpu() if env.backend == "nccl" else on_device
+    return total
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed python, numpy and torch; with `deterministic`, ask torch for bitwise-repeatable kernels."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """On a GPU, cuDNN autotuning and TF32 matmuls (fixed input sizes: both pay from the first epoch)
+    unless `deterministic` asks for repeatable kernels; CPU runs are left as they are."""
+    if device.type != "cuda":
+        return
+    fast = not deterministic
+    torch.backends.cudnn.benchmark = fast
+    torch.backends.cuda.matmul.allow_tf32 = fast
+    torch.backends.cudnn.allow_tf32 = fast
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,89 @@
+"""The preemption flag: set by a notice in the rank's own process, ignored by forked DataLoader workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from dist_train.train import preemption
+
+
+@pytest.fixture(autouse=True)
+def restore_handlers():
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGUSR2, signal.SIGTERM)}
+    preemption.clear()
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+    preemption.clear()
+
+
+def test_a_notice_only_sets_the_flag():
+    preemption.install_handlers()
+    assert not preemption.requested()
+    os.kill(os.getpid(), signal.SIGUSR2)
+    assert preemption.requested()
+    preemption.clear()
+    os.kill(os.getpid(), signal.SIGTERM)  # a notice too, outside submitit
+    assert preemption.requested()
+
+
+def test_sigterm_is_left_alone_when_asked():
+    before = signal.getsignal(signal.SIGTERM)
+    replaced = preemption.install_handlers(sigterm=False)
+    assert set(replaced) == {signal.SIGUSR2}
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_install_returns_the_handlers_it_replaced():
+    def launcher_handler(signum, frame):
+        pass
+
+    signal.signal(signal.SIGUSR2, launcher_handler)
+    assert preemption.install_handlers(sigterm=False)[signal.SIGUSR2] is launcher_handler
+
+
+def child_exit_status(send: signal.Signals) -> int:
+    """Fork as a DataLoader worker would, signal the child, report how it ended."""
+    pid = os.fork()
+    if pid == 0:
+        os.kill(os.getpid(), send)
+        os._exit(10 + int(preemption.requested()))
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+def test_forked_workers_ignore_the_notice():
+    preemption.install_handlers()
+    status = child_exit_status(signal.SIGUSR2)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 10  # alive, flag untouched
+    assert not preemption.requested()
+
+
+def test_forked_workers_still_die_on_sigterm():
+    """A multiprocessing pool (the shard builder's) ends its workers with SIGTERM: they must die of it."""
+    preemption.install_handlers()
+    status = child_exit_status(signal.SIGTERM)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert not preemption.requested()
+
+
+class _SignalledStream(torch.utils.data.IterableDataset):
+    """A worker that receives SIGTERM (SLURM signals every process of a step) and then goes on."""
+
+    def __iter__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        yield from range(3)
+
+
+def test_a_dataloader_worker_outlives_a_sigterm_to_every_process():
+    """The Trainer's loader: without `ignore_in_worker` the worker dies and its rank fails before it can checkpoint."""
+    from dist_train.config import DataConfig
+    from dist_train.train.loop import training_loader
+
+    preemption.install_handlers()
+    loader = training_loader(_SignalledStream(), DataConfig(workers=1, prefetch_factor=2), False)
+    assert list(loader) == [0, 1, 2]
