@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DATA := data/synthetic
 DEMO_SHARDS := data/shards/synthetic
 
-.PHONY: install demo demo-data test lint compare-demo bench clean
+.PHONY: install demo demo-data test test-fast lint compare-demo bench clean
 
 install: $(STAMP)
 
@@ -34,8 +34,17 @@ compare-demo: demo-data
 	$(PY) launch/compare.py runs/demo_v1 runs/demo_v2 runs/demo --markdown --plot runs/compare-demo.png
 	$(PY) launch/report.py runs/demo_v1 runs/demo_v2 runs/demo --out runs/compare-demo.html
 
+# Style, types (mypy, settings in pyproject.toml) and the package's layering (import-linter contracts).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+# The in-process lane (about 75 s here): units and the Trainer at world size 1, no subprocess-heavy suites.
+FAST_TESTS := tests/data tests/model tests/train tests/evaluation/test_metrics.py tests/test_config.py \
+	tests/test_tracking.py tests/test_preflight.py tests/test_compat.py
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not slurm" $(FAST_TESTS)
 
 test: $(STAMP) lint
 	bash tests/install_test_deps.sh

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import socket
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +32,9 @@ def append_row(benchmark: str, figures: str) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    from torch.distributed.elastic.utils.distributed import get_free_port
+
+    return get_free_port()
 
 
 def verdict(value: float, target: float, higher_is_better: bool = True) -> str:

@@ -16,7 +16,7 @@ from typing import NoReturn
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Appends "(default: X)" where X means something, never to a help text that already names its default."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         unset = action.default is None or action.default is False or action.default in ([], (), argparse.SUPPRESS)
         if "default" in text or action.required or unset:

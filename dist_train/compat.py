@@ -1,7 +1,9 @@
 """Every use of a private API of torch, DeepSpeed or submitit, in one place, each with the reason.
 
-A library upgrade that moves one of these breaks here and in the test that exercises it
-(tests/test_compat.py), not somewhere inside the loop.
+A library upgrade that moves one of these breaks here and in the test that exercises it, not somewhere
+inside the loop: tests/test_compat.py for the torch ones; the DeepSpeed ones in
+tests/train/test_deepspeed_resume.py (universal load) and test_deepspeed_precision.py (fp16 scaler);
+`submission_text` in tests/test_submit_local.py (`--dry-run`).
 """
 
 from __future__ import annotations
@@ -51,11 +53,6 @@ def load_deepspeed_universal(engine: Any, folder: str, tag: str) -> None:
         engine.load_checkpoint(folder, tag=tag)
     finally:
         config.load_universal_checkpoint = False
-
-
-def deepspeed_config_of(engine: Any) -> Any:
-    """The parsed DeepSpeed config of an engine (precision, ZeRO stage), which DeepSpeed keeps private."""
-    return engine._config
 
 
 def deepspeed_grad_scaler(engine: Any) -> Any:

@@ -46,6 +46,12 @@ class CoverageError(DistTrainError, RuntimeError):
     """Validation samples were dropped or counted twice."""
 
 
+def first_line(error: BaseException) -> str:
+    """An error's first line (a library's own summary before its details), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def one_line(error: BaseException) -> str:
     """The message itself, on one line: a DataLoader worker re-raises with its traceback folded into the text."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

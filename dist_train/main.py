@@ -194,6 +194,7 @@ def _claim_on_main(cfg: Config, env: DistEnv, resume: str) -> tuple[IO[str] | No
     nothing; every rank gets the verdict (refusal, allowed config changes)."""
     from dist_train.train import distributed
 
+    verdict: tuple[str | None, list[str]]
     lock, verdict = None, (None, [])
     if env.is_main:
         try:
@@ -205,6 +206,9 @@ def _claim_on_main(cfg: Config, env: DistEnv, resume: str) -> tuple[IO[str] | No
             verdict = (None, allowed)
         except (RunLocked, ResumeRefused) as error:
             verdict = (str(error), [])
+        except OSError as error:  # e.g. flock unsupported on the file system, an unwritable run directory
+            verdict = (f"cannot prepare run directory {cfg.run_dir}: {error.strerror or error}; choose another "
+                       f"run_root or fix its permissions", [])
     refusal, allowed = distributed.broadcast_object(env, verdict)
     return lock, refusal, allowed
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from collections.abc import Mapping
 from typing import Any
 
 SECRET_NAME_PATTERNS = ("*_KEY", "*_TOKEN", "*_SECRET", "*PASSWORD*")
@@ -20,7 +21,7 @@ def _is_secret_name(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name.upper(), pattern) for pattern in SECRET_NAME_PATTERNS)
 
 
-def secret_values(environ: dict[str, str] | None = None) -> list[str]:
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of the secret-named variables in `environ` (default os.environ), longest first."""
     environ = os.environ if environ is None else environ
     values = {value for name, value in environ.items()

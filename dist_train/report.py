@@ -19,14 +19,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from dist_train.errors import UserError
+from dist_train.errors import UserError, first_line
 from dist_train.evaluation import metrics
 from dist_train.evaluation.scoring import PREDICTION_COLUMNS
 from dist_train.tracking import has_wandb_credentials, scrub_secrets
@@ -123,7 +123,7 @@ def load_wandb_runs(project: str, group: str | None = None, tags: list[str] | No
         return [_from_wandb(run) for run in wandb.Api(timeout=30).runs(project, filters=filters)]
     except Exception as error:  # network, auth and lookup errors all mean: cannot compare from wandb
         raise WandbUnavailable(f"cannot read wandb project {project!r}: {type(error).__name__}: "
-                               f"{str(error).splitlines()[0] if str(error) else ''}") from None
+                               f"{first_line(error)}") from None
 
 
 def _from_wandb(run: Any) -> RunData:
@@ -290,7 +290,8 @@ def plot_score_distribution(labels: np.ndarray, scores: np.ndarray, threshold: f
     bins = np.linspace(scores.min(), scores.max(), 41) if scores.max() > scores.min() else 10
     for label, name, colour in ((0, "no referable glaucoma", "tab:blue"), (1, "referable glaucoma", "tab:red")):
         if (labels == label).any():
-            axes.hist(scores[labels == label], bins=bins, density=True, alpha=0.55, color=colour,
+            # matplotlib's stub types bins as a Sequence; an array of edges is what its docs ask for
+            axes.hist(scores[labels == label], bins=bins, density=True, alpha=0.55, color=colour,  # type: ignore[arg-type]
                       label=f"{name} (n={int((labels == label).sum())})")
     if math.isfinite(threshold):
         axes.axvline(threshold, color="black", linestyle="--", label=f"β threshold {threshold:.4g}")
@@ -339,7 +340,7 @@ def _prediction_section(run: RunData) -> str:
                              "predicted positive"],
                             [["actual negative", figures["tn"], figures["fp"]],
                              ["actual positive", figures["fn"], figures["tp"]]])
-    distribution = plot_score_distribution(labels, scores, float(figures["beta_threshold"]))
+    distribution = plot_score_distribution(labels, scores, float(cast(float, figures["beta_threshold"])))
     return (f"<h3>Last evaluation ({figures['n']} images, {figures['positives']} positive)</h3>"
             f"{_png_tag(roc, 'ROC curve')}{_png_tag(distribution, 'score distribution')}"
             f"<h3>Confusion matrix at the β threshold</h3>{confusion}")

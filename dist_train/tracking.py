@@ -43,16 +43,18 @@ _PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{
 # ---------------------------------------------------------------- the local history file
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain JSON: numpy/torch scalars and arrays as numbers and lists, non-finite floats as null."""
+def _loggable(value: Any) -> Any:
+    """Plain JSON for logs: numpy/torch scalars and arrays as numbers and lists, non-finite floats as null.
+
+    Lossy on purpose (a log is read, not restored); checkpoints use the lossless `train.checkpoint.encode`."""
     if hasattr(value, "tolist"):
         value = value.tolist()
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
+        return {str(key): _loggable(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
+        return [_loggable(item) for item in value]
     if value is None or isinstance(value, (bool, int, str)):
         return value
     return str(value)
@@ -96,7 +98,7 @@ def has_wandb_credentials() -> bool:
     return bool(entry and entry[2])
 
 
-def _flatten_numbers(prefix: str, record: dict[str, Any]) -> dict[str, float]:
+def _flatten_numbers(prefix: str, record: dict[Any, Any]) -> dict[str, float]:
     """wandb history keys: numbers kept, lists of numbers (per-group LRs) as key/0, key/1; text dropped."""
     flat: dict[str, float] = {}
     for key, value in record.items():
@@ -258,7 +260,7 @@ class Tracker:
     def _write(self, kind: str, step: int, record: dict[str, Any]) -> None:
         line = {"kind": kind, "step": int(step), "time": time.time()}
         line.update((key, value) for key, value in record.items() if key not in line)
-        self._history.write(json.dumps(scrub_secrets(_jsonable(line), self._secrets)) + "\n")
+        self._history.write(json.dumps(scrub_secrets(_loggable(line), self._secrets)) + "\n")
 
     def _warn(self, message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -271,7 +273,7 @@ class Tracker:
         self._step = step
         self._write("train", step, record)
         if self._wandb is not None:
-            self._wandb.log(step, _flatten_numbers("train/", _jsonable(record)))
+            self._wandb.log(step, _flatten_numbers("train/", _loggable(record)))
 
     def log_eval(self, step: int, record: dict[str, Any], roc_png: Path | None = None) -> None:
         """One evaluation's figures (metrics.compute_all plus val_loss, epoch, ...) and its ROC image."""
@@ -280,7 +282,7 @@ class Tracker:
         self._step = step
         self._write("eval", step, record)
         if self._wandb is not None:
-            values = {key.removeprefix("val_"): value for key, value in _jsonable(record).items()}
+            values = {key.removeprefix("val_"): value for key, value in _loggable(record).items()}
             self._wandb.log(step, _flatten_numbers("val/", values), image_path=roc_png)
 
     def log_event(self, kind: str, record: dict[str, Any]) -> None:
@@ -290,7 +292,7 @@ class Tracker:
         step = int(record.get("step", self._step))
         self._write(kind, step, record)
         if self._wandb is not None:
-            self._wandb.log(step, _flatten_numbers(f"{kind}/", _jsonable(record)))
+            self._wandb.log(step, _flatten_numbers(f"{kind}/", _loggable(record)))
 
     def progress(self, total: int, initial: int = 0, desc: str = "") -> Progress:
         """A progress display per tracking.progress; a silent one on non-main ranks."""
@@ -303,7 +305,7 @@ class Tracker:
             return
         self._active = False
         final = {**summary, "exit_code": exit_code, "run_id": self.run_id}
-        final = scrub_secrets(_jsonable(final), self._secrets)
+        final = scrub_secrets(_loggable(final), self._secrets)
         (self.run_dir / "summary.json").write_text(json.dumps(final, indent=2) + "\n")
         self._write("summary", self._step, final)
         if self._wandb is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -53,9 +53,7 @@ def write_shards(folder: Path, split: str, sizes: list[int], positive_every: int
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return get_free_port()
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +92,7 @@ class ShardSet:
         return [f"data.train_shards={self.train}", f"data.val_shards={self.val}"]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_shards(tmp_path_factory) -> Callable[..., ShardSet]:
     """A factory of small shard sets: `make_shards(train=[16, 16], val=[16], **write_shards options)`."""
 

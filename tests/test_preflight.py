@@ -34,3 +34,14 @@ def test_shards_of_a_build_that_stopped_midway_are_refused(make_shards, tmp_path
     assert code == 2 and len(error) == 1, error
     assert "data.train_shards" in error[0] and "rerun the same build command" in error[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_directory_that_cannot_be_created_is_one_line(make_shards, tmp_path, capsys):
+    """run_root under a file (as an unwritable or lock-less mount would fail): rank 0's verdict, exit 2."""
+    shards = make_shards()
+    not_a_folder = tmp_path / "runs"
+    not_a_folder.write_text("a file where the runs should go")
+    code = main(["--config", CONFIG, "--set", *shards.overrides(), f"run_root={not_a_folder}"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1, error
+    assert "cannot prepare run directory" in error[0] and str(not_a_folder) in error[0]

@@ -9,11 +9,12 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 
 from dist_train.config.schema import Config, ConfigError
+from dist_train.errors import first_line
 
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -128,7 +129,7 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(str(path), "", f"not valid YAML: {str(error).splitlines()[0]}") from None
+        raise ConfigError(str(path), "", f"not valid YAML: {first_line(error)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "", "top level must be a mapping")
     base = raw.pop("base", None)
@@ -215,7 +216,7 @@ def _coerce(annotation: Any, value: Any, source: str, key: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, source, key + ".")
+        return _build(cast(type, annotation), value, source, key + ".")
     if origin in (typing.Union, types.UnionType):
         for option in args:
             try:

@@ -1,10 +1,12 @@
-"""Training augmentation and test-time augmentation on normalised tensors.
+"""Training augmentation on 8-bit PIL images, and test-time augmentation views of normalised tensors.
 
 Parameters are drawn from a generator the caller seeds per sample, so a sample's augmentation does not
 depend on which samples came before it (exact mid-epoch resume) or on the worker that decoded it.
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import numpy as np
 import torch
@@ -51,8 +53,9 @@ class Augmenter:
         size = image.size[0]
         shift = [int(round(rng.uniform(-cfg.shift, cfg.shift) * size)) for _ in range(2)]
         scale = float(rng.uniform(1 - cfg.scale, 1 + cfg.scale))
-        brightness = float(rng.uniform(*cfg.brightness))
-        contrast = float(rng.uniform(*cfg.contrast))
+        # the schema admits exactly two numbers (low, high) for each range
+        brightness = float(rng.uniform(*cast("tuple[float, float]", cfg.brightness)))
+        contrast = float(rng.uniform(*cast("tuple[float, float]", cfg.contrast)))
         hflip = cfg.hflip and rng.random() < 0.5
         vflip = cfg.vflip and rng.random() < 0.5
         if angle or any(shift) or scale != 1.0:

@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,7 +188,7 @@ class _TailReader:
         self.stream.close()
 
 
-def iterate_shard(url: str) -> Iterator[dict[str, Any]]:
+def iterate_shard(url: str) -> Generator[dict[str, Any], None, None]:
     """Raw samples (undecoded bytes) of one shard; any read failure, truncation included, names the URL."""
     try:
         reader = _TailReader(gopen(url))
@@ -285,11 +285,12 @@ class Decoder:
     normalise: bool = True
 
     def __call__(self, sample: dict[str, Any], sample_seed: int) -> torch.Tensor:
+        image: Image.Image
         with Image.open(io.BytesIO(sample_image_bytes(sample))) as image:
             image.draft("RGB", (self.image_size, self.image_size))
             image = image.convert("RGB")
         if image.size != (self.image_size, self.image_size):
-            image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
         if self.clahe is not None:
             image = Image.fromarray(apply_clahe(np.asarray(image), clip_limit=self.clahe[0], tile_grid=self.clahe[1]))
         if self.augmenter is not None:
@@ -459,7 +460,8 @@ def make_loader(dataset: IterableDataset, cfg: DataConfig, pin_memory: bool, tim
                       timeout=timeout_s if cfg.workers > 0 else 0, worker_init_fn=worker_init_fn)
 
 
-def _identity(item: Batch) -> Batch:
+def _identity(item: Any) -> Any:
+    """collate_fn: with batch_size=None each already-batched item comes as is, not in the list torch types."""
     return item
 
 

@@ -27,7 +27,7 @@ from dist_train.data.stream import Decoder, EvalStream, make_loader
 from dist_train.data.transforms import BadImageError, load_fundus
 from dist_train.errors import CheckpointError, UserError
 from dist_train.evaluation.scoring import Scores, score_stream
-from dist_train.model.network import build_model, export_meta_path, load_for_inference
+from dist_train.model.network import GlaucomaNet, build_model, export_meta_path, load_for_inference
 from dist_train.shards.inputs import IMAGE_SUFFIXES, offenders
 from dist_train.tracking import Progress
 from dist_train.train import checkpoint, sharded
@@ -82,7 +82,7 @@ def _checkpoint_folder(source: Path) -> Path:
     return root / name
 
 
-def _meta(config: dict[str, Any], state: dict[str, Any], folder: Path, model: nn.Module) -> dict[str, Any]:
+def _meta(config: dict[str, Any], state: dict[str, Any], folder: Path, model: GlaucomaNet) -> dict[str, Any]:
     data, shards = config["data"], state.get("shard_preprocessing") or {}
     best = state["trainer"].get("best_record") or {}
     return {

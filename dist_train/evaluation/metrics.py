@@ -17,6 +17,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -170,7 +171,7 @@ def compute_all(y_true, y_score, bootstrap: int = 0, seed: int = 0) -> dict[str,
                       pauc_raw=_raw_partial_area(labels, scores) / MAX_FPR, beta_threshold=threshold)
     else:
         result.update(dict.fromkeys(("alpha", "beta", "auc", "pauc_raw", "beta_threshold"), float("nan")))
-    result.update(confusion_at(labels, scores, float(result["beta_threshold"])))
+    result.update(confusion_at(labels, scores, float(cast(float, result["beta_threshold"]))))
     if bootstrap > 0:
         for name, metric_fn in (("alpha", airogs_alpha), ("beta", airogs_beta), ("auc", auc)):
             result[f"{name}_ci"] = list(bootstrap_ci(labels, scores, metric_fn, bootstrap, seed))

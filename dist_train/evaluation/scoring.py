@@ -37,6 +37,7 @@ def score_stream(module: nn.Module, loader: Any, device: torch.device, tta: str,
     """This rank's (key, label, probability) over its share of the validation stream."""
     was_training = module.training
     module.eval()
+    labels: list[int]
     keys, labels, scores, bad, loss_sum = [], [], [], [], 0.0
     for batch in loader:
         bad.extend(batch.bad)
@@ -93,6 +94,7 @@ without one; error: why the sample could not be scored (its likelihood is then e
 
 def write_predictions(path: Path, scores: Scores, threshold: float | None = None, labelled: bool = True) -> None:
     """One row per sample, scored or skipped, sorted by id; written aside and renamed, so never half a file."""
+    rows: list[list[Any]]
     rows = [[key, label if labelled else "", f"{score:.8g}", "" if threshold is None else int(score >= threshold),
              ""] for key, label, score in zip(scores.keys, scores.labels, scores.scores)]
     rows += [[key, "", "", "", reason] for _where, key, reason in scores.bad]
@@ -100,5 +102,6 @@ def write_predictions(path: Path, scores: Scores, threshold: float | None = None
     with open(staging, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(PREDICTION_COLUMNS)
-        writer.writerows(sorted(rows, key=lambda row: row[0]))
+        ordered: list[list[Any]] = sorted(rows, key=lambda row: row[0])
+        writer.writerows(ordered)
     os.replace(staging, path)

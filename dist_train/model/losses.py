@@ -39,6 +39,8 @@ class FocalLoss(nn.Module):
 class WeightedBCE(nn.Module):
     """Binary cross-entropy on logits with positives weighted by `pos_weight` (None: unweighted), mean."""
 
+    pos_weight: torch.Tensor | None
+
     def __init__(self, pos_weight: float | None = None):
         super().__init__()
         weight = None if pos_weight is None else torch.tensor(float(pos_weight))

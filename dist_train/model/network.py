@@ -15,7 +15,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import timm
 import torch
@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dist_train.config import ModelConfig, section_from_dict
-from dist_train.errors import WeightsError
+from dist_train.errors import WeightsError, first_line
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 """File endings accepted by `model.pretrained` as a local weight file."""
@@ -31,9 +31,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 """Files looked for in a cached Hugging Face repository, in timm's order of preference."""
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
 
 class GlaucomaNet(nn.Module):
     """Backbone features -> dense head -> one logit per image."""
+
+    backbone: Any
+    """A timm model: num_features, no_weight_decay() and pretrained_cfg are timm's, beyond nn.Module's types."""
+    head: nn.Sequential
 
     def __init__(self, backbone: nn.Module, head: nn.Sequential):
         super().__init__()
@@ -54,7 +60,7 @@ class GlaucomaNet(nn.Module):
 def build_model(cfg: ModelConfig) -> GlaucomaNet:
     """The model described by `cfg`, with `cfg.pretrained` weights loaded (or an error saying why not)."""
     backbone = _create_backbone(cfg)
-    model = GlaucomaNet(backbone, build_head(backbone.num_features, cfg))
+    model = GlaucomaNet(backbone, build_head(cast(int, backbone.num_features), cfg))
     if _is_weight_file(cfg.pretrained):
         load_weight_file(model, cfg.pretrained)
     return model
@@ -117,7 +123,7 @@ def _create_backbone(cfg: ModelConfig) -> nn.Module:
         return timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (RuntimeError, KeyError, ValueError) as error:
         raise WeightsError(f"model.pretrained: the cached weights of {cfg.pretrained!r} ({cached}) do not fit "
-                         f"model.backbone {cfg.backbone!r}: {_first_line(error)}") from None
+                         f"model.backbone {cfg.backbone!r}: {first_line(error)}") from None
 
 
 def check_backbone_name(name: str) -> None:
@@ -177,7 +183,8 @@ def _pretrained_location(pretrained_id: str) -> tuple[str | None, tuple[str, ...
                          f"({', '.join(WEIGHT_SUFFIXES)}), a timm pretrained tag ('arch.tag') "
                          "nor a Hugging Face repo id ('org/name')")
     filenames = (pretrained_cfg.hf_hub_filename,) if pretrained_cfg.hf_hub_filename else HUB_WEIGHT_FILES
-    return pretrained_cfg.hf_hub_id, filenames, pretrained_cfg.url
+    # timm types url as possibly a (url, file) pair; its registered configs hold a plain string
+    return pretrained_cfg.hf_hub_id, filenames, cast("str | None", pretrained_cfg.url)
 
 
 def load_weight_file(model: GlaucomaNet, path: str) -> None:
@@ -187,6 +194,7 @@ def load_weight_file(model: GlaucomaNet, path: str) -> None:
     classifier of the file's source model, which a features-only backbone does not have.
     """
     state_dict = read_state_dict(path)
+    target: nn.Module
     if any(key.startswith("backbone.") for key in state_dict):
         target, keys = model, state_dict
     else:
@@ -223,7 +231,7 @@ def _load_safetensors(path: str, option: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except Exception as error:  # safetensors raises its own SafetensorError, not an OSError
-        raise WeightsError(f"{option}: {path} is not a valid .safetensors file ({_first_line(error)})") from None
+        raise WeightsError(f"{option}: {path} is not a valid .safetensors file ({first_line(error)})") from None
 
 
 def _key_problems(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
@@ -238,7 +246,7 @@ def _key_problems(expected: dict[str, torch.Tensor], given: dict[str, torch.Tens
 
 
 def _drop_classifier(backbone: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    classifiers = backbone.pretrained_cfg.get("classifier") or ()
+    classifiers = cast(dict[str, Any], backbone.pretrained_cfg).get("classifier") or ()
     prefixes = tuple(f"{name}." for name in ([classifiers] if isinstance(classifiers, str) else classifiers))
     own = backbone.state_dict()
     return {key: value for key, value in state_dict.items() if key in own or not key.startswith(prefixes)}
@@ -252,13 +260,8 @@ def _abridge(keys: list[str], shown: int = 8) -> str:
 def _refusal_reason(error: BaseException) -> str:
     """The line of torch's long weights_only message that names the refused global."""
     lines = [line.strip() for line in str(error).splitlines()]
-    reason = next((line for line in lines if "unsupported global" in line.lower()), _first_line(error))
+    reason = next((line for line in lines if "unsupported global" in line.lower()), first_line(error))
     return reason.split(". Please use")[0].split("pickle globals. ")[-1].split(". No automatic")[0]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ---------------------------------------------------------------- optimisation helpers and placement
@@ -279,7 +282,7 @@ def model_no_weight_decay_names(model: GlaucomaNet) -> frozenset[str]:
     return frozenset(f"backbone.{name}" for name in declared)
 
 
-def prepare_model(model: nn.Module, cfg: ModelConfig, device: torch.device | str) -> nn.Module:
+def prepare_model(model: ModuleT, cfg: ModelConfig, device: torch.device | str) -> ModuleT:
     """Move to `device`, then channels_last when the config asks.
 
     `model.compile` is not applied here: the engine compiles what it runs (the DDP wrapper, so that

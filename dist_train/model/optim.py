@@ -8,13 +8,13 @@ sets every group's LR before each optimizer step, from the step's place in train
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from dist_train.config import OptimConfig, PhaseConfig, ScheduleConfig
-from dist_train.model.network import model_no_weight_decay_names, no_weight_decay
+from dist_train.model.network import GlaucomaNet, model_no_weight_decay_names, no_weight_decay
 from dist_train.model.unfreeze import NEVER, UnfreezeSchedule, phase_index_at, unwrap
 
 # ---------------------------------------------------------------- optimizer
@@ -30,7 +30,7 @@ def optimizer_param_groups(model: nn.Module, schedule: UnfreezeSchedule, optim_c
     The NEVER group has lr 0 so that even a stray gradient cannot move it.
     """
     model = unwrap(model)
-    exempt = model_no_weight_decay_names(model)
+    exempt = model_no_weight_decay_names(cast(GlaucomaNet, model))  # unwrap() yields the GlaucomaNet trained
     buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         key = (schedule.first_phase_of(name), not no_weight_decay(name, param, exempt))
@@ -59,10 +59,11 @@ def build_optimizer(model: nn.Module, schedule: UnfreezeSchedule, optim_cfg: Opt
     the global-batch factor `lr_scale()` returns; the LRSchedule must be given the same one.
     """
     groups = optimizer_param_groups(model, schedule, optim_cfg, batch_scale)
+    # OptimConfig.validate admits exactly two betas
     if optim_cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas))
+        return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=cast("tuple[float, float]", tuple(optim_cfg.betas)))
     if optim_cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas))
+        return torch.optim.Adam(groups, lr=optim_cfg.lr, betas=cast("tuple[float, float]", tuple(optim_cfg.betas)))
     if optim_cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum)
     raise ValueError(f"optim.name: unknown optimizer {optim_cfg.name!r} (adamw, adam, sgd)")

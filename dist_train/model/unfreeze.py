@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import bisect
 import functools
-from typing import Any
+from typing import Any, cast
 
 import torch
 from timm.models import group_parameters
@@ -50,7 +50,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         if compat.unwrap_compiled(model) is not model:
             model = compat.unwrap_compiled(model)
         elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
+            model = cast(nn.Module, model.module)
         else:
             return model
 
@@ -81,7 +81,7 @@ def backbone_layers(model: nn.Module) -> list[tuple[str, list[str]]]:
 def blocks(model: nn.Module) -> list[list[str]]:
     """Full parameter names per block: timm's coarse groups of the backbone, then the head."""
     model = unwrap(model)
-    backbone = model.backbone
+    backbone = cast(Any, model.backbone)  # a timm model: group_matcher is timm's, beyond nn.Module's types
     if not hasattr(backbone, "group_matcher"):
         raise ValueError(f"unfreeze: {type(backbone).__name__} has no timm group_matcher, so "
                          "last_N_blocks is undefined for it; use last_N_layers")
@@ -91,7 +91,7 @@ def blocks(model: nn.Module) -> list[list[str]]:
 
 
 def head_names(model: nn.Module) -> set[str]:
-    return {f"head.{name}" for name, _ in unwrap(model).head.named_parameters()}
+    return {f"head.{name}" for name, _ in cast(nn.Module, unwrap(model).head).named_parameters()}
 
 
 def parse_spec(spec: str) -> tuple[str, int]:

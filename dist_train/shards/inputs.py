@@ -10,6 +10,7 @@ import csv
 import io
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 from dist_train.errors import UserError
 
@@ -35,7 +36,7 @@ def read_labels(labels_csv, split_column: str | None = None) -> dict[str, tuple[
     command lists everything to fix.
     """
     reader = _labels_reader(labels_csv, split_column)
-    labels: dict[str, tuple[int, str | None]] = {}
+    labels: dict[str, tuple[int | None, str | None]] = {}
     problems: dict[str, list[tuple[str, str]]] = {}
     for row in reader:
         key = (row["challenge_id"] or "").strip()
@@ -51,7 +52,7 @@ def read_labels(labels_csv, split_column: str | None = None) -> dict[str, tuple[
         raise ShardInputError(f"{labels_csv}: " + "; ".join(named))
     if not labels:
         raise ShardInputError(f"{labels_csv}: no rows under the header")
-    return labels
+    return cast(dict[str, tuple[int, str | None]], labels)  # a None label raised above as "unknown class"
 
 
 def _labels_reader(labels_csv, split_column: str | None) -> csv.DictReader:

@@ -6,6 +6,7 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from typing import IO, cast
 
 from PIL import Image
 
@@ -89,7 +90,8 @@ def _read_shard(path: Path, size: int) -> tuple[list[str], int, list[str]]:
     with tarfile.open(path) as tar:
         for member in (m for m in tar if m.isfile()):
             key, _, extension = member.name.partition(".")
-            grouped.setdefault(key, {})[extension] = tar.extractfile(member).read()
+            # extractfile gives None only for members that are not regular files
+            grouped.setdefault(key, {})[extension] = cast(IO[bytes], tar.extractfile(member)).read()
     problems, positives = [], 0
     for key, members in grouped.items():
         problem = _sample_problem(key, members, size)

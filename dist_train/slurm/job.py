@@ -30,6 +30,7 @@ from typing import Any
 import submitit
 from submitit.helpers import Checkpointable
 
+from dist_train import compat
 from dist_train.config import Config, SlurmConfig, load_config
 from dist_train.errors import UserError
 from dist_train.train import preemption
@@ -85,7 +86,7 @@ class Submission:
 
 def resolve_resources(options: dict[str, Any], defaults: SlurmConfig) -> Resources:
     """Merge options (None = not given) over the config; one task per GPU when GPUs are asked for."""
-    picked = {field.name: options.get(field.name) if options.get(field.name) is not None
+    picked: dict[str, Any] = {field.name: options.get(field.name) if options.get(field.name) is not None
               else getattr(defaults, field.name) for field in dataclasses.fields(Resources)}
     gpus = picked["gpus_per_node"]
     if gpus and options.get("tasks_per_node") not in (None, gpus):
@@ -233,6 +234,7 @@ def slurm_parameters(resources: Resources, job_name: str) -> dict[str, Any]:
 
 def make_executor(submission: Submission, local: bool = False, render_only: bool = False) -> submitit.Executor:
     resources = submission.resources
+    executor: submitit.Executor
     if local:
         executor = submitit.LocalExecutor(submission.folder)
         executor.update_parameters(timeout_min=resources.time_min, gpus_per_node=resources.gpus_per_node,
@@ -248,7 +250,7 @@ def render_sbatch(submission: Submission) -> str:
     executor = make_executor(submission, render_only=True)
     if len(submission.runs) > 1:
         executor.parameters["map_count"] = len(submission.runs)
-    return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
+    return compat.submission_text(executor)
 
 
 def submit(submission: Submission, local: bool = False) -> list[submitit.Job]:

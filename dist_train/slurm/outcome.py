@@ -74,7 +74,7 @@ def srun_reports(batch_log: str) -> dict[int, tuple[int, str]]:
 
 def _task_ids(spec: str) -> list[int]:
     """srun's `1`, `0-3` or `1,3-4`."""
-    ids = []
+    ids: list[int] = []
     for part in spec.split(","):
         first, _, last = part.partition("-")
         ids.extend(range(int(first), int(last or first) + 1))

@@ -75,11 +75,17 @@ class Checkpointer:
             raise self._failed(final, error) from None
         faults.point("checkpoint.after_tensors")
         distributed.barrier(self.env)
+        failure = None
         if self.env.is_main:
             state = {**encode_parts(parts), **meta, "per_rank": gathered, "world_size": self.env.world_size,
                      "engine": engine.kind, "name": name}
-            self._publish(staging, final, state)
-        distributed.barrier(self.env)
+            try:
+                self._publish(staging, final, state)
+            except (CheckpointError, OSError) as error:  # every rank ends with rank 0's line, none waits
+                failure = str(error) if isinstance(error, CheckpointError) else str(self._failed(final, error))
+        failure = distributed.broadcast_object(self.env, failure)
+        if failure:
+            raise CheckpointError(failure)
         return final
 
     def _publish(self, staging: Path, final: Path, state: dict[str, Any]) -> None:

@@ -14,12 +14,13 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch.utils.data import IterableDataset
 
 from dist_train import faults
-from dist_train.config import Config, to_dict
+from dist_train.config import Config, DataConfig, to_dict
 from dist_train.data.augment import Augmenter, Normaliser
 from dist_train.data.manifest import shard_preprocessing, split_counts, verify_against_manifest
 from dist_train.data.stream import (
@@ -63,9 +64,10 @@ LoaderFactory = Callable[..., Iterable[Batch]]
 """`make_loader`'s signature: (dataset, data config, pin_memory, timeout_s) -> an iterable of Batch."""
 
 
-def training_loader(*args: Any) -> Iterable[Batch]:
+def training_loader(dataset: IterableDataset, cfg: DataConfig, pin_memory: bool,
+                    timeout_s: float = 0) -> Iterable[Batch]:
     """`make_loader` with workers that outlive a preemption notice (SLURM signals every process of a step)."""
-    return make_loader(*args, worker_init_fn=preemption.ignore_in_worker)
+    return make_loader(dataset, cfg, pin_memory, timeout_s, worker_init_fn=preemption.ignore_in_worker)
 
 
 class Trainer:
@@ -105,14 +107,17 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", env, cfg.checkpoint.keep_last)
         saved = self._resume(resume_from) if resume_from else None
         self.wall_base = self.state.wall_time_s
-        self.tracker = Tracker(cfg, self.run_dir, env, run_id=saved and saved.get("run_id"),
+        # a saved trainer state is never an empty dict, so `saved and ...` is the run id or None
+        self.tracker = Tracker(cfg, self.run_dir, env, run_id=cast("str | None", saved and saved.get("run_id")),
                                resume_step=self.state.step if saved else None)
         self._announce(resume_from, saved)
 
     def _verify_shards(self) -> None:
-        """Rank 0 hashes every shard once; every rank learns the verdict."""
-        problems = verify_against_manifest(self.train_urls + self.val_urls, self.cfg.data.manifest) \
-            if self.env.is_main else None
+        """Every rank hashes its share of the shards; every rank learns the whole verdict."""
+        mine = verify_against_manifest(self.train_urls + self.val_urls, self.cfg.data.manifest,
+                                       share=(self.env.rank, self.env.world_size))
+        gathered = distributed.gather_to_main(self.env, mine)
+        problems = [problem for part in gathered or [] for problem in part]
         problems = distributed.broadcast_object(self.env, problems)
         if problems:
             raise DataError(f"shard verification failed for {len(problems)} shard(s): {problems[0]}")

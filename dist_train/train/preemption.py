@@ -15,6 +15,8 @@ saving and requeuing again would be wrong.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
 import signal
 from types import FrameType
@@ -39,6 +41,8 @@ def install_handlers(sigterm: bool = True) -> dict[signal.Signals, Any]:
     were replaced, so a launcher can still run its own requeue path once the checkpoint is saved.
     """
     global _owner_pid
+    if _owner_pid is None:
+        atexit.register(_end_workers)
     _owner_pid = os.getpid()
     signals = [NOTICE_SIGNAL, signal.SIGTERM] if sigterm else [NOTICE_SIGNAL]
     return {signum: signal.signal(signum, _on_signal) for signum in signals}
@@ -63,6 +67,17 @@ def request() -> None:
 def clear() -> None:
     global _requested
     _requested = False
+
+
+def _end_workers() -> None:
+    """SIGKILL this process's daemonic children (DataLoader workers) on the way out.
+
+    The workers ignore SIGTERM (`ignore_in_worker`), so multiprocessing's own exit hook, which sends
+    SIGTERM to daemonic children and then joins them, would wait for ever after a rank failed with
+    its workers alive. atexit runs hooks last-registered first: this one runs before that hook."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def ignore_in_worker(worker_id: int = 0) -> None:

@@ -50,6 +50,8 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> tuple[list[str
     checkpoint written under `saved` can still be loaded and trained on under `new`."""
     old_flat, new_flat = flatten(saved), flatten(new)
     keys = list(new_flat) + [key for key in old_flat if key not in new_flat]
+    blocking: list[str]
+    allowed: list[str]
     blocking, allowed = [], []
     for key in keys:
         old, now = old_flat.get(key, _UNSET), new_flat.get(key, _UNSET)

@@ -38,7 +38,7 @@ def load(folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> N
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(module, optimizer)
-    holder = {"model": model_state, "optim": optim_state}
+    holder: dict[str, Any] = {"model": model_state, "optim": optim_state}
     with _quiet_when_alone():
         dcp.load(holder, storage_reader=SafeMetadataReader(str(folder)), no_dist=_alone())
     set_state_dict(module, optimizer, model_state_dict=holder["model"], optim_state_dict=holder["optim"])

@@ -5,17 +5,14 @@ BatchNorm runs in eval mode (running statistics), so the update does not depend 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 from dist_train.config import config_from_dict
 from dist_train.model.network import build_model
 
-from conftest import free_port
+from multiprocess import run_on_ranks
 
 pytestmark = pytest.mark.slow
 MICRO, WORLD, ACCUMULATION = 3, 2, 2
@@ -43,15 +40,11 @@ def _model():
     return build_model(_config("ddp", 1).model).eval()
 
 
-def _train_rank(rank: int, port: int, engine_kind: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+def _train_rank(env, engine_kind: str) -> dict[str, torch.Tensor]:
     from dist_train.model.optim import build_optimizer
     from dist_train.model.unfreeze import UnfreezeSchedule
-    from dist_train.train.distributed import init_distributed
     from dist_train.train.engine import build_engine
 
-    env = init_distributed("cpu", 60)
     cfg = _config(engine_kind, ACCUMULATION)
     model = _model()
     schedule = UnfreezeSchedule(cfg.unfreeze, model)
@@ -60,15 +53,13 @@ def _train_rank(rank: int, port: int, engine_kind: str, out: str) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = cfg.optim.lr
     images, labels = _batches()
-    mine = slice(rank * ACCUMULATION * MICRO, (rank + 1) * ACCUMULATION * MICRO)
+    mine = slice(env.rank * ACCUMULATION * MICRO, (env.rank + 1) * ACCUMULATION * MICRO)
     chunks = list(zip(images[mine].split(MICRO), labels[mine].split(MICRO)))
     for index, (chunk_images, chunk_labels) in enumerate(chunks):
         engine.forward_backward(chunk_images, chunk_labels, torch.nn.BCEWithLogitsLoss(),
                                 sync=index == len(chunks) - 1)
     engine.optimizer_step()
-    if rank == 0:
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
-    torch.distributed.destroy_process_group()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _reference() -> dict[str, torch.Tensor]:
@@ -81,10 +72,8 @@ def _reference() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
-def test_two_ranks_with_accumulation_equal_one_union_batch(engine, tmp_path):
-    out = tmp_path / "rank0.pt"
-    mp.start_processes(_train_rank, args=(free_port(), engine, str(out)), nprocs=WORLD, start_method="spawn")
-    got, expected = torch.load(out, weights_only=True), _reference()
+def test_two_ranks_with_accumulation_equal_one_union_batch(engine):
+    got, expected = run_on_ranks(_train_rank, WORLD, engine)[0], _reference()
     initial = _model().state_dict()
     changed = 0
     for name, value in expected.items():

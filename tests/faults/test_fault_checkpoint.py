@@ -31,8 +31,6 @@ from fault_helpers import (
     tree_hashes,
 )
 
-from conftest import write_shards
-
 pytestmark = pytest.mark.slow
 
 KILL_POINTS = ("before_tensors", "after_tensors", "before_publish", "before_latest")
@@ -57,10 +55,8 @@ def _facts(checkpoints: Path, scratch: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory) -> dict[str, Outcome]:
-    shards = tmp_path_factory.mktemp("checkpoint_shards")
-    write_shards(shards, "train", [16, 16])
-    write_shards(shards, "val", [16])
+def chain(tmp_path_factory, make_shards) -> dict[str, Outcome]:
+    shards = make_shards().root
     run_root = tmp_path_factory.mktemp("checkpoint_chain")
     scratch = tmp_path_factory.mktemp("checkpoint_scratch")
     checkpoints = run_root / "test_tiny" / "checkpoints"

@@ -124,11 +124,8 @@ def test_secret_value_in_config_is_masked_everywhere(secret_run):
 
 
 @pytest.fixture
-def clean_shards(tmp_path) -> Path:
-    shards = tmp_path / "shards"
-    write_shards(shards, "train", [16, 16])
-    write_shards(shards, "val", [16])
-    return shards
+def clean_shards(make_shards) -> Path:
+    return make_shards().root
 
 
 @pytest.mark.parametrize("with_manifest", [False, True], ids=["counting_scan", "mid_epoch"])

@@ -12,18 +12,14 @@ from pathlib import Path
 import pytest
 from fault_helpers import Outcome, checkpoint_problems, load_weights, overrides, pointer, run_main, text_lines
 
-from conftest import write_shards
-
 pytestmark = pytest.mark.slow
 
 TMPFS_SIZE = "4m"
 
 
 @pytest.fixture(scope="module")
-def disk_full(tmp_path_factory) -> Outcome:
-    shards = tmp_path_factory.mktemp("disk_full_shards")
-    write_shards(shards, "train", [16, 16])
-    write_shards(shards, "val", [16])
+def disk_full(tmp_path_factory, make_shards) -> Outcome:
+    shards = make_shards().root
     run_root = tmp_path_factory.mktemp("disk_full")
     checkpoints = run_root / "test_tiny" / "checkpoints"
     checkpoints.mkdir(parents=True)

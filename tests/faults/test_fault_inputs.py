@@ -16,15 +16,10 @@ from pathlib import Path
 import pytest
 from fault_helpers import REPO, main_argv, main_in_process, overrides, text_lines, tree_hashes
 
-from conftest import write_shards
-
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("input_shards")
-    write_shards(root, "train", [16, 16])
-    write_shards(root, "val", [16])
-    return root
+def shards(make_shards) -> Path:
+    return make_shards().root
 
 
 def _assert_refused_in_one_line(code: int, stderr: str, run_root: Path, *named: str) -> None:

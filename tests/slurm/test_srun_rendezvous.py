@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, write_shards
+from conftest import REPO
 
 pytestmark = [
     pytest.mark.slurm,
@@ -62,11 +62,8 @@ def job_span(name: str) -> tuple[datetime.datetime, datetime.datetime]:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("srun_shards")
-    write_shards(folder, "train", [48, 48])
-    write_shards(folder, "val", [24])
-    return folder
+def shards(make_shards) -> Path:
+    return make_shards(train=[48, 48], val=[24]).root
 
 
 def test_two_plain_srun_jobs_at_once_both_train(shards, tmp_path):

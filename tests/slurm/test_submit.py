@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import submitit
 
-from conftest import REPO, write_shards
+from conftest import REPO
 
 pytestmark = [
     pytest.mark.slurm,
@@ -133,10 +133,8 @@ def drive(action, run: Launched) -> None:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("slurm_shards")
-    write_shards(folder, "train", [48, 48])
-    write_shards(folder, "val", [24])
+def shards(make_shards) -> Path:
+    folder = make_shards(train=[48, 48], val=[24]).root
     (folder / "garbage-000000.tar").write_bytes(b"not a tar archive" * 64)  # exists: passes the preflight
     return folder
 

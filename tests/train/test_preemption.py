@@ -87,3 +87,31 @@ def test_a_dataloader_worker_outlives_a_sigterm_to_every_process():
     preemption.install_handlers()
     loader = training_loader(_SignalledStream(), DataConfig(workers=1, prefetch_factor=2), False)
     assert list(loader) == [0, 1, 2]
+
+
+HELD_WORKER = """
+import torch
+from dist_train.config import DataConfig
+from dist_train.train import preemption
+from dist_train.train.loop import training_loader
+
+
+class Forever(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from range(1 << 30)
+
+
+preemption.install_handlers()
+held = iter(training_loader(Forever(), DataConfig(workers=1, prefetch_factor=2), False))
+next(held)
+raise SystemExit(3)  # a rank that fails with its DataLoader iterator (and worker) still alive
+"""
+
+
+def test_a_rank_that_fails_with_a_live_worker_still_exits():
+    """Its worker ignores SIGTERM, so multiprocessing's exit hook alone would wait on it for ever."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", HELD_WORKER], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr[-2000:]

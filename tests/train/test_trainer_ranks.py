@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dist_train.data.stream import EvalStream, make_loader
-from dist_train.errors import TrainingStopped
+from dist_train.errors import CheckpointError, TrainingStopped
 from dist_train.train import preemption
 from dist_train.train.checkpoint import read_pointer, read_trainer_state
 from dist_train.train.loop import Trainer
@@ -116,3 +116,24 @@ def test_a_failure_on_rank_0_alone_ends_every_rank_with_its_message(make_shards,
     assert message0 == message1
     assert "rank 0 failed in evaluation" in message0 and "predictions_val.csv" in message0
     assert seconds1 < 30
+
+
+def _rank0_cannot_publish(env, shards, run_root: Path) -> tuple[str, float]:
+    trainer = Trainer(tiny(shards, run_root, "train.epochs=1"), env)
+    started = time.monotonic()
+    try:
+        trainer.train()
+    except CheckpointError as error:
+        return str(error), time.monotonic() - started
+    return "no error", 0.0
+
+
+@pytest.mark.slow
+def test_a_checkpoint_rank_0_cannot_publish_ends_every_rank_with_its_message(make_shards, tmp_path, monkeypatch):
+    """An OSError while rank 0 writes trainer.json and publishes (DIST_TRAIN_FAULT, rank 0 only): no rank
+    is left in the barrier that used to follow; both end with rank 0's line, the previous checkpoint named."""
+    monkeypatch.setenv("DIST_TRAIN_FAULT", "fail@checkpoint.before_publish")
+    monkeypatch.setenv("DIST_TRAIN_FAULT_RANK", "0")
+    (message0, _), (message1, seconds1) = run_on_ranks(_rank0_cannot_publish, 2, make_shards(), tmp_path)
+    assert message0 == message1 and "could not write checkpoint" in message0 and "injected failure" in message0
+    assert seconds1 < 60

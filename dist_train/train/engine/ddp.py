@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,7 +41,8 @@ class DDPEngine:
             device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
             wrapped = DistributedDataParallel(self.module, device_ids=device_ids,
                                               bucket_cap_mb=self.cfg.engine.bucket_cap_mb)
-        return torch.compile(wrapped) if self.cfg.model.compile else wrapped
+        # torch.compile of a module returns an OptimizedModule (an nn.Module); its stub says Callable
+        return cast(nn.Module, torch.compile(wrapped)) if self.cfg.model.compile else wrapped
 
     def enter_phase(self, schedule: UnfreezeSchedule, phase: int) -> dict[str, Any]:
         info = schedule.apply(self.module, phase, set_requires_grad=True)
@@ -54,7 +55,8 @@ class DDPEngine:
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
                          sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
         no_sync = self.env.is_distributed and not sync
-        with self.wrapped.no_sync() if no_sync else contextlib.nullcontext():
+        # DDP's no_sync, reached through torch.compile's wrapper too (nn.Module's types do not know it)
+        with cast(Any, self.wrapped).no_sync() if no_sync else contextlib.nullcontext():
             with self.autocast():
                 logits = self.wrapped(images).float()
             loss = loss_fn(logits, labels)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import yaml
 
@@ -122,7 +122,7 @@ def _precisions_in(path: str, user: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
-def _enabled(section: Any) -> bool:
+def _enabled(section: Any) -> TypeGuard[dict[str, Any]]:
     return isinstance(section, dict) and bool(section.get("enabled"))
 
 
