@@ -92,7 +92,8 @@ class Trainer:
         self.unfreeze = UnfreezeSchedule(cfg.unfreeze, self.model)
         self.global_batch = global_batch_size(cfg.train.batch_size, cfg.train.accumulation_steps, env.world_size)
         self.batch_scale = lr_scale(cfg.optim, self.global_batch)
-        self.lr_warning = lr_scaling_warning(cfg.optim, self.global_batch)
+        self.warnings = [w for w in (lr_scaling_warning(cfg.optim, self.global_batch),
+                                     self._upsampling_warning()) if w]
         optimizer = build_optimizer(self.model, self.unfreeze, cfg.optim, self.batch_scale)
         negatives = self.train_counts.samples - self.train_counts.positives
         self.loss_fn = build_loss(cfg.loss, self.train_counts.positives, negatives)
@@ -462,6 +463,14 @@ class Trainer:
         log.info("epoch length %d -> %d optimizer steps: %d steps of epoch %d count as done", saved_steps_per_epoch,
                  self.steps_per_epoch, done, self.state.epoch)
 
+    def _upsampling_warning(self) -> str | None:
+        """Training above the size the shards were built at upsamples every image: detail that is not there."""
+        built = self.shard_preprocessing.get("size")
+        if built is None or self.cfg.data.image_size <= built:
+            return None
+        return (f"data.image_size={self.cfg.data.image_size} is larger than the {built} px the shards were built at: "
+                f"every image is upsampled; rebuild the shards with shards/build.py --size {self.cfg.data.image_size}")
+
     def _deal(self) -> str:
         """How shards were dealt to slots: saved positions mean something only under the same deal."""
         return "by_samples" if self.train_counts.per_shard is not None else "by_shards"
@@ -473,9 +482,9 @@ class Trainer:
                                                                self.batch_scale))
         log.info("global batch %d, LR scale %.4g (optim.lr_scaling=%s): peak LR per phase %s", self.global_batch,
                  self.batch_scale, self.cfg.optim.lr_scaling, peaks)
-        if self.lr_warning:
-            log.warning(self.lr_warning)
-            self.tracker.log_event("warning", {"message": self.lr_warning, "step": self.state.step})
+        for warning in self.warnings:
+            log.warning(warning)
+            self.tracker.log_event("warning", {"message": warning, "step": self.state.step})
         if saved:
             log.info("resumed from %s at epoch %d, step %d; saved with world size %d, now %d", resume_from,
                      self.state.epoch, self.state.step, saved["world_size"], self.env.world_size)
@@ -496,5 +505,5 @@ class Trainer:
                 "phases_ran": self.state.phases_ran,
                 "phases_not_run": [p for p in configured if p not in ran],
                 "best_record": self.state.best_record, "best_checkpoint": self.state.best_checkpoint,
-                "global_batch": self.global_batch, "lr_scale": self.batch_scale, "warnings": [
-                    w for w in (self.lr_warning,) if w], "run_dir": str(self.run_dir)}
+                "global_batch": self.global_batch, "lr_scale": self.batch_scale, "warnings": self.warnings,
+                "run_dir": str(self.run_dir)}

@@ -130,3 +130,19 @@ def test_a_resume_trains_with_the_configs_lr_not_the_checkpoints(make_shards, tm
     assert resumed and all(r["lr"][0] == pytest.approx(5e-2) for r in resumed)
     event = next(r for r in history(second.run_dir) if r["kind"] == "resume")
     assert event["config_changes"] == ["optim.lr: 0.001 -> 0.05"]
+
+
+def test_training_above_the_shards_size_warns_with_the_rebuild_command(synthetic_shards, tmp_path):
+    """synthetic_shards were built at 48 px (tests/conftest.py); a 64 px run upsamples every image."""
+    from dist_train.config import load_config
+
+    from run_helpers import REPO
+
+    cfg = load_config(str(REPO / "configs" / "test_tiny.yaml"), [
+        f"data.train_shards={synthetic_shards}/train-*.tar", f"data.val_shards={synthetic_shards}/val-*.tar",
+        f"run_root={tmp_path}", "data.image_size=64", "train.epochs=1", "train.steps_per_epoch=1"])
+    trainer = Trainer(cfg, DistEnv())
+    summary = trainer.train()
+    warnings = [r["message"] for r in history(trainer.run_dir) if r["kind"] == "warning"]
+    assert any("larger than the 48 px" in w and "--size 64" in w for w in warnings), warnings
+    assert summary["warnings"] == warnings
