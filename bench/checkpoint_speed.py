@@ -37,31 +37,6 @@ import torch.multiprocessing as mp
 from common import append_row, free_port, load_average
 
 
-class Engine:
-    """The part of the Engine protocol a checkpoint uses, as DDPEngine does it (DCP), over a bare model:
-    the bench times checkpointing, not building a trainer."""
-
-    kind = "ddp"
-
-    def __init__(self, module, optimizer, env):
-        self.module, self.optimizer, self.env = module, optimizer, env
-
-    def sync_buffers(self) -> None:
-        from dist_train.train import sharded
-
-        sharded.broadcast_buffers(self.module, self.env)
-
-    def save_tensors(self, folder: Path) -> None:
-        from dist_train.train import sharded
-
-        sharded.save(folder, self.module, self.optimizer)
-
-    def load_tensors(self, folder: Path, saved_world_size: int) -> None:
-        from dist_train.train import sharded
-
-        sharded.load(folder, self.module, self.optimizer)
-
-
 def build_state(args):
     from dist_train.config import ModelConfig
     from dist_train.model.network import build_model
@@ -111,7 +86,11 @@ def rank_main(rank: int, world_size: int, port: int, queue, args) -> None:
 
     env = DistEnv(rank=rank, world_size=world_size)
     model, optimizer = build_state(args)
-    engine = Engine(model, optimizer, env)
+    from dist_train.config import config_from_dict
+    from dist_train.train.engine.ddp import DDPEngine
+
+    cfg = config_from_dict({"data": {"train_shards": "-", "val_shards": "-"}, "train": {"device": "cpu"}})
+    engine = DDPEngine(model, optimizer, cfg, env)  # the product's engine: its DCP save, load and buffer sync
     root = Path(args.workdir) / "checkpoint-bench"
     if rank == 0:
         shutil.rmtree(root, ignore_errors=True)
