@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset
@@ -108,8 +108,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", env, cfg.checkpoint.keep_last)
         saved = self._resume(resume_from) if resume_from else None
         self.wall_base = self.state.wall_time_s
-        # a saved trainer state is never an empty dict, so `saved and ...` is the run id or None
-        self.tracker = Tracker(cfg, self.run_dir, env, run_id=cast("str | None", saved and saved.get("run_id")),
+        self.tracker = Tracker(cfg, self.run_dir, env, run_id=saved.get("run_id") if saved else None,
                                resume_step=self.state.step if saved else None)
         self._announce(resume_from, saved)
 
