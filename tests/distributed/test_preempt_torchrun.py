@@ -75,6 +75,9 @@ def preempt_after_first_checkpoint(command: list[str], run_dir: Path, processes:
             time.sleep(0.05)
         first = latest_step(run_dir)
         pids = pids_mentioning(f"run_root={run_dir.parent}")
+        while len(pids) != processes and time.monotonic() < deadline:  # workers come and go with each loader
+            time.sleep(0.01)
+            pids = pids_mentioning(f"run_root={run_dir.parent}")
         assert len(pids) == processes, pids
         for pid in pids:
             os.kill(pid, signal.SIGTERM)
