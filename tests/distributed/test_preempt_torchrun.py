@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_shards
 from run_helpers import REPO, run_training, train_command
 
 CONFIG = str(REPO / "configs" / "test_tiny.yaml")
@@ -29,11 +28,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("preempt_shards")
-    write_shards(root, "train", [24, 24])
-    write_shards(root, "val", [8])
-    return root
+def shards(make_shards) -> Path:
+    return make_shards(train=[24, 24], val=[8]).root
 
 
 def overrides(shards: Path, run_root: Path, *extra: str) -> list[str]:

@@ -32,7 +32,7 @@ from fault_helpers import (
     wait_for_step,
 )
 
-from conftest import free_port, write_shards
+from conftest import free_port
 from run_helpers import kill_processes_mentioning
 
 pytestmark = pytest.mark.slow
@@ -45,11 +45,8 @@ EXTRA = ("train.epochs=2", "checkpoint.every_steps=1", f"engine.timeout_s={TIMEO
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("rank_death_shards")
-    write_shards(root, "train", [32, 32])
-    write_shards(root, "val", [16])
-    return root
+def shards(make_shards) -> Path:
+    return make_shards(train=[32, 32], val=[16]).root
 
 
 @pytest.fixture(scope="module")

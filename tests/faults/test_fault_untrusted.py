@@ -19,8 +19,6 @@ import pytest
 import torch
 from fault_helpers import main_argv, main_in_process, overrides, pointer, text_lines
 
-from conftest import write_shards
-
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
@@ -35,11 +33,8 @@ class _Payload:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("untrusted_shards")
-    write_shards(root, "train", [16, 16])
-    write_shards(root, "val", [16])
-    return root
+def shards(make_shards) -> Path:
+    return make_shards().root
 
 
 @pytest.fixture
