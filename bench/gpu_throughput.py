@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import io
 import itertools
+import json
 import math
 import os
 import tempfile
@@ -82,13 +83,19 @@ def build_trainer(args, shards: Path, device: str, loader_factory=None):
         "model": {"backbone": "efficientnet_b0", "pretrained": "none", "channels_last": True,
                   "compile": args.compile},
         "loss": {"name": "bce"}, "optim": {"name": "adamw", "lr": 1e-4},
+        "engine": engine_section(getattr(args, "engine", "ddp")),
         "train": {"batch_size": args.batch_size, "epochs": 1000, "steps_per_epoch": args.steps, "device": device,
                   "precision": "bf16" if device == "cuda" else "fp32", "log_every_steps": 10},
         "tracking": {"wandb": {"enabled": False}, "progress": "none", "html_report": False}})
-    env = distributed.init_distributed(device)
+    env = distributed.init_distributed(device, always=cfg.engine.kind == "deepspeed")
     trainer = Trainer(cfg, env, loader_factory=loader_factory or make_loader)
     trainer.enter_phase(0)
     return trainer
+
+
+def engine_section(kind: str) -> dict:
+    """DDP, or DeepSpeed at ZeRO-2 (the stage bench/gpu_check.py compares against DDP)."""
+    return {"kind": kind, "zero_stage": 2 if kind == "deepspeed" else 0}
 
 
 def synchronize(device: torch.device) -> None:
@@ -267,6 +274,7 @@ def main() -> None:
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny run on the CPU: proves the script executes")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "dist_train_bench"))
     parser.add_argument("--no-record", dest="record", action="store_false", help="print only (smoke runs)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file (bench/gpu_check.py)")
     args = parser.parse_args()
     has_gpu = torch.cuda.is_available()
     if not has_gpu and not args.cpu_smoke:
@@ -305,6 +313,8 @@ def main() -> None:
     if args.image_size == 384:
         print(f"  v3 workload (54k images x 20 epochs) at the full-pipeline rate: "
               f"{54_000 * 20 / rates['full pipeline'] / 60:.1f} min (target <= 15 min, >= 1,200 img/s)")
+    if args.json:
+        args.json.write_text(json.dumps({"device": gpu, "rates": rates, "peak_gib": memory, "share": share}))
     if args.cpu_smoke:
         print("\nCPU smoke run only: every path executed; run on a CUDA GPU for real figures (nothing recorded).")
         return

@@ -100,10 +100,15 @@ def overrides(preset: str, args: argparse.Namespace, shards: Path) -> list[str]:
 
 def run_preset(preset: str, args: argparse.Namespace, shards: Path) -> dict:
     run_dir = Path(args.run_root) / run_name(preset, args.lr_scale)
-    shutil.rmtree(run_dir, ignore_errors=True)
     command = [sys.executable, "launch/train.py", "--nproc-per-node", str(args.nproc), "--config", PRESETS[preset],
                "--resume", "none", "--set", *overrides(preset, args, shards)]
-    log_path = Path(args.run_root) / f"{run_name(preset, args.lr_scale)}.log"
+    return {"preset": preset, **timed_run(command, run_dir)}
+
+
+def timed_run(command: list[str], run_dir: Path) -> dict:
+    """Run one training command (its output to RUN_DIR.log) and read its figures from metrics.jsonl."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log_path = run_dir.with_name(run_dir.name + ".log")
     started = time.time()
     with open(log_path, "w") as log:
         code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -112,7 +117,7 @@ def run_preset(preset: str, args: argparse.Namespace, shards: Path) -> dict:
         if (run_dir / "metrics.jsonl").is_file() else []
     evals = [r for r in records if r["kind"] == "eval"]
     summary = next((r for r in records if r["kind"] == "summary"), {})
-    result = {"preset": preset, "exit": code, "total_s": finished - started, "log": str(log_path),
+    result = {"exit": code, "total_s": finished - started, "log": str(log_path),
               "evals": [(r["epoch"], round(r["alpha"], 3)) for r in evals],
               "best_alpha": max((r["alpha"] for r in evals), default=None),
               "train_first_positive": summary.get("epochs_to_first_positive"),

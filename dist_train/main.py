@@ -114,6 +114,7 @@ def preflight(cfg: Config, source: str, overrides: list[str]) -> None:
 def _preflight(cfg: Config, source: str) -> None:
     from dist_train.data.stream import DataError, shard_urls
     from dist_train.model.network import check_backbone_name, check_pretrained
+    from dist_train.model.optim import LayerDecayError, check_layer_decay
     from dist_train.train.engine.zero_config import check_deepspeed_file
 
     for key in ("train_shards", "val_shards"):
@@ -130,11 +131,27 @@ def _preflight(cfg: Config, source: str) -> None:
     except ValueError as error:
         raise ConfigError(source, "model.backbone", str(error).removeprefix("model.backbone: ")) from None
     try:
-        check_pretrained(cfg.model.pretrained)
+        check_pretrained(cfg.model.pretrained, cfg.model, cfg.data.image_size)
     except WeightsError as error:
         raise ConfigError(source, "model.pretrained", str(error).removeprefix("model.pretrained: ")) from None
+    try:
+        check_layer_decay(cfg.model.backbone, cfg.optim.layer_decay)
+    except LayerDecayError as error:
+        raise ConfigError(source, "optim.layer_decay", str(error).removeprefix("optim.layer_decay: ")) from None
     check_deepspeed_file(cfg, source)
     _refuse_unfinished_builds(cfg, source)
+    _refuse_clahe_conflicts(cfg, source)
+
+
+def _refuse_clahe_conflicts(cfg: Config, source: str) -> None:
+    """CLAHE applied twice (data.clahe on shards built with --clahe) or on one split only: refused here."""
+    from dist_train.data.preprocess import ClaheError, clahe_plan
+    from dist_train.data.stream import shard_urls
+
+    try:
+        clahe_plan(cfg.data, shard_urls(cfg.data.train_shards), shard_urls(cfg.data.val_shards))
+    except ClaheError as error:
+        raise ConfigError(source, "data.clahe", str(error)) from None
 
 
 def _refuse_unfinished_builds(cfg: Config, source: str) -> None:

@@ -6,6 +6,10 @@ those files only, so a report can be rebuilt from a copied run directory long af
 on a machine without GPUs, wandb or network. The HTML report is one self-contained file (images
 inlined as base64 PNG, no external CSS/JS/URLs) so that it survives being mailed or archived.
 
+One section reads more than the run's files: the class-activation maps (`evaluation.cases`) load the
+run's checkpoint on the CPU and its val shards. It is optional: a run without checkpoints or shards, or
+any failure while mapping, drops that section with a note (and a logged warning), never the report.
+
 Summary keys read for the comparison: wall_time_s, images_per_s, world_size, exit_code.
 """
 
@@ -16,10 +20,11 @@ import csv
 import html
 import io
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import yaml
@@ -28,10 +33,20 @@ from matplotlib.ticker import MaxNLocator
 
 from dist_train.errors import UserError, first_line
 from dist_train.evaluation import metrics
+from dist_train.evaluation.calibration import reliability
 from dist_train.evaluation.scoring import PREDICTION_COLUMNS
 from dist_train.tracking import has_wandb_credentials, scrub_secrets
 
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from dist_train.evaluation.cases import Explained, RunExplanation
+
 Rows = list[tuple[str, list[Any]]]
+log = logging.getLogger(__name__)
+
+CAMS_PER_CATEGORY = 3
+"""Images mapped per category (most confident true positives, worst false negatives, worst false positives)."""
 
 
 @dataclass
@@ -44,6 +59,8 @@ class RunData:
     summary: dict[str, Any] = field(default_factory=dict)
     predictions: tuple[np.ndarray, np.ndarray] | None = None
     config_text: str = ""
+    path: Path | None = None
+    """The run directory (None for a wandb run): what the class-activation maps are computed from."""
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [record for record in self.records if record.get("kind") == kind]
@@ -77,6 +94,7 @@ def load_run(run_dir: Path) -> RunData:
         summary=json.loads(summary_path.read_text()) if summary_path.is_file() else {},
         predictions=read_predictions(run_dir / "predictions_val.csv"),
         config_text=config_text,
+        path=run_dir,
     )
 
 
@@ -94,9 +112,9 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 
 
 def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels, likelihoods) of the scored rows; rows of samples that could not be scored are left out."""
     if not path.is_file():
         return None
-    """(labels, likelihoods) of the scored rows; rows of samples that could not be scored are left out."""
     with path.open(newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("likelihood") != ""]
     if not rows:
@@ -300,6 +318,22 @@ def plot_score_distribution(labels: np.ndarray, scores: np.ndarray, threshold: f
     return figure
 
 
+def plot_reliability(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> tuple[Figure, float]:
+    """The reliability diagram (observed positive fraction per likelihood bin, against the diagonal) with
+    each bin's image count below, and the ECE it shows."""
+    curve = reliability(labels, scores, bins)
+    figure = Figure(figsize=(5.5, 5), dpi=100, layout="constrained")
+    diagram, counts = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    diagram.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    diagram.plot(curve.predicted, curve.observed, "o-", color="tab:red", label=f"this model (ECE {curve.ece:.3f})")
+    diagram.set(title="reliability diagram", ylabel="observed fraction referable", xlim=(0, 1), ylim=(0, 1))
+    diagram.legend(fontsize="small", loc="upper left")
+    diagram.grid(alpha=0.3)
+    counts.bar(curve.predicted, curve.counts, width=0.8 / bins, color="tab:grey")
+    counts.set(xlabel="mean predicted likelihood in the bin", ylabel="images", yscale="log")
+    return figure, curve.ece
+
+
 def plot_comparison(runs: list[RunData], path: Path) -> Path:
     """compare.py's PNG: val α and train loss per epoch, runs overlaid."""
     plot_curves(runs, val_keys=("alpha",)).savefig(path, format="png")
@@ -309,8 +343,13 @@ def plot_comparison(runs: list[RunData], path: Path) -> Path:
 def _png_tag(figure: Figure, alt: str) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    encoded = base64.b64encode(buffer.getvalue()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+    return _img_tag(buffer.getvalue(), alt)
+
+
+def _img_tag(png: bytes, alt: str, css_class: str = "") -> str:
+    encoded = base64.b64encode(png).decode()
+    classes = f' class="{css_class}"' if css_class else ""
+    return f'<img alt="{html.escape(alt)}"{classes} src="data:image/png;base64,{encoded}">'
 
 
 # ---------------------------------------------------------------- HTML
@@ -318,7 +357,8 @@ def _png_tag(figure: Figure, alt: str) -> str:
 
 _STYLE = """body{font-family:sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0}
 td,th{border:1px solid #bbb;padding:4px 8px;text-align:left}th{background:#eef}img{max-width:100%}
-pre{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}section{margin-bottom:32px}"""
+pre{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}section{margin-bottom:32px}
+figure{display:inline-block;margin:4px 8px 8px 0;font-size:12px}.cases{display:flex;flex-wrap:wrap}"""
 
 
 def _html_table(header: list[str], body: list[list[Any]], table_id: str = "") -> str:
@@ -341,9 +381,13 @@ def _prediction_section(run: RunData) -> str:
                             [["actual negative", figures["tn"], figures["fp"]],
                              ["actual positive", figures["fn"], figures["tp"]]])
     distribution = plot_score_distribution(labels, scores, float(cast(float, figures["beta_threshold"])))
+    calibration, ece = plot_reliability(labels, scores)
     return (f"<h3>Last evaluation ({figures['n']} images, {figures['positives']} positive)</h3>"
             f"{_png_tag(roc, 'ROC curve')}{_png_tag(distribution, 'score distribution')}"
-            f"<h3>Confusion matrix at the β threshold</h3>{confusion}")
+            f"<h3>Confusion matrix at the β threshold</h3>{confusion}"
+            f"<h3>Calibration</h3><p>Expected calibration error (10 equal-width bins): "
+            f'<span id="ece-{html.escape(run.name)}">{ece:.4f}</span></p>'
+            f"{_png_tag(calibration, 'reliability diagram')}")
 
 
 def _phases_section(run: RunData) -> str:
@@ -354,30 +398,82 @@ def _phases_section(run: RunData) -> str:
     return _html_table(keys, [[phase.get(key) for key in keys] for phase in phases])
 
 
-def _run_section(run: RunData) -> str:
+_CATEGORY_TITLES = {"true positive": "Most confident true positives", "false negative": "Worst false negatives",
+                    "false positive": "Worst false positives"}
+
+
+def _cam_section(run: RunData, cams: int) -> str:
+    """Grad-CAM overlays of the chosen cases, or one note saying why there are none (never an exception)."""
+    if cams <= 0:
+        return ""
+    title = "<h3>What the model looks at</h3>"
+    if run.path is None:
+        return f"{title}<p>No class-activation maps: the run has no local directory.</p>"
+    from dist_train.evaluation.cases import NothingToExplain, explain_run  # torch and grad-cam only when used
+
+    try:
+        explanation = explain_run(run.path, cams)
+    except NothingToExplain as reason:
+        return f"{title}<p>No class-activation maps: {html.escape(str(reason))}.</p>"
+    except Exception as error:  # the maps are an extra: any failure drops this section, not the report
+        log.warning("report: class-activation maps of %s skipped: %s: %s", run.name, type(error).__name__,
+                    first_line(error))
+        return (f"{title}<p>Class-activation maps skipped: {html.escape(type(error).__name__)}: "
+                f"{html.escape(first_line(error))}.</p>")
+    return title + _cam_figures(explanation)
+
+
+def _cam_figures(explanation: RunExplanation) -> str:
+    """One row of figures per category: the image the model saw beside its Grad-CAM overlay."""
+    from dist_train.evaluation.explain import side_by_side
+
+    parts = [f"<p>Grad-CAM of the referable-glaucoma logit at <code>{html.escape(explanation.layer)}</code> of the "
+             f"checkpoint that wrote {html.escape(explanation.predictions)}; cases split at its β threshold "
+             f"{explanation.threshold:.4g} (left: the input as the model saw it, right: the map, red = more).</p>"]
+    for category, heading in _CATEGORY_TITLES.items():
+        chosen = [item for item in explanation.cases if item.case.category == category]
+        figures = "".join(_cam_figure(item, side_by_side(item.rgb, item.cam)) for item in chosen)
+        parts.append(f"<h4>{heading}</h4>" + (f'<div class="cases">{figures}</div>' if chosen
+                                                else "<p>None at this threshold.</p>"))
+    if explanation.missing:
+        parts.append(f"<p>Not in the val shards: {html.escape(', '.join(explanation.missing))}.</p>")
+    return "".join(parts)
+
+
+def _cam_figure(item: Explained, picture: Image) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    case = item.case
+    caption = f"{case.key}: label {case.label}, likelihood {case.likelihood:.4f}"
+    return (f"<figure>{_img_tag(buffer.getvalue(), f'Grad-CAM {case.category} {case.key}', 'cam')}"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _run_section(run: RunData, cams: int) -> str:
     config_text = html.escape(run.config_text or "(no config.yaml)")
-    return (f'<section><h2>{html.escape(run.name)}</h2>{_prediction_section(run)}'
+    return (f'<section><h2>{html.escape(run.name)}</h2>{_prediction_section(run)}{_cam_section(run, cams)}'
             f"<h3>Unfreeze phases</h3>{_phases_section(run)}"
             f"<h3>Resolved config</h3><details><summary>config.yaml</summary><pre>{config_text}</pre></details>"
             "</section>")
 
 
-def render_html(runs: list[RunData]) -> str:
+def render_html(runs: list[RunData], cams: int = CAMS_PER_CATEGORY) -> str:
     names = [run.name for run in runs]
     rows = compare_rows(runs)
     comparison = _html_table(["", *names], [[label, *values] for label, values in rows], table_id="comparison")
     body = (f"<h1>dist_train report: {html.escape(', '.join(names))}</h1>"
             f"<section><h2>Comparison</h2>{comparison}</section>"
             f"<section><h2>Training curves</h2>{_png_tag(plot_curves(runs), 'training curves')}</section>"
-            + "".join(_run_section(run) for run in runs))
+            + "".join(_run_section(run, cams) for run in runs))
     page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>dist_train report</title>'
             f"<style>{_STYLE}</style></head><body>{body}</body></html>")
     return scrub_secrets(page)
 
 
-def write_report(run_dirs: list[Path], out: Path) -> Path:
-    """Write the self-contained HTML report of `run_dirs` to `out` (the loop calls this on rank 0 at the end)."""
+def write_report(run_dirs: list[Path], out: Path, cams: int = CAMS_PER_CATEGORY) -> Path:
+    """Write the self-contained HTML report of `run_dirs` to `out` (the loop calls this on rank 0 at the end);
+    `cams` images per category get class-activation maps (0: no maps, nothing but the run's files read)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html([load_run(Path(run_dir)) for run_dir in run_dirs]), encoding="utf-8")
+    out.write_text(render_html([load_run(Path(run_dir)) for run_dir in run_dirs], cams), encoding="utf-8")
     return out

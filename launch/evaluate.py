@@ -2,6 +2,7 @@
 
     python launch/evaluate.py --model runs/demo --shards 'data/shards/synthetic/val-*.tar' --out eval/
     python launch/evaluate.py --model model.safetensors --images DIR --labels labels.csv --out eval/
+    python launch/evaluate.py --model runs/fold0 --model runs/fold1 --shards 'data/shards/x/val-*.tar' --out eval/
 
 Writes report.json (alpha, beta, AUC with bootstrap 95% intervals, the confusion matrix at the
 export's threshold, the images skipped), roc.png and predictions.csv, whose columns are
@@ -10,6 +11,11 @@ id,label,likelihood,referable_glaucoma,error. --labels is read as shards/build.p
 Exit codes: 0 every image scored; 1 no metric (the scored images hold one class only) or a shard
 unreadable; 2 bad input, nothing written; 3 finished, some images unreadable (named on stderr and in
 the CSV's error column).
+Several --model are averaged (the mean of their probabilities, each with its own preprocessing and
+TTA); the ensemble's threshold is then chosen on this labelled set by the rule each export's threshold
+follows (specificity >= 95%, the β point) and written with the members to ensemble.json, which
+predict.py and evaluate.py take as --model. Choose it on validation data, then evaluate
+--model ensemble.json on a test set. report.json names the models averaged.
 """
 
 import argparse
@@ -22,17 +28,26 @@ from dist_train.cli_help import ArgumentParser
 from dist_train.data.manifest import split_counts
 from dist_train.errors import DataError
 from dist_train.evaluation import metrics
-from dist_train.evaluation.inference import InputError, Predictor
+from dist_train.evaluation.ensemble import (
+    COMBINE_RULE,
+    ENSEMBLE_FILE,
+    Ensemble,
+    Members,
+    choose_threshold,
+    write_ensemble,
+)
+from dist_train.evaluation.inference import InputError
 from dist_train.evaluation.predict_cli import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     add_common_arguments,
     check_common,
+    check_models,
     check_out_folder,
     counts,
     epilog,
     exit_code,
-    load_predictor,
+    load_models,
     progress_mode,
     report_skipped,
     resolve_shards,
@@ -77,15 +92,17 @@ def main(argv: list[str]) -> int:
     try:
         check_common(args)
         source = _checked_source(args)
-        check_out_folder(args.out, WRITTEN, args.overwrite)
-        predictor = load_predictor(args)
+        checked = check_models(args)
+        check_out_folder(args.out, _written(checked), args.overwrite)
+        models = load_models(checked, args)
     except (InputError, ShardInputError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if isinstance(source, LabelledImages) and source.unlabelled_warning:
         print(source.unlabelled_warning, file=sys.stderr)
+    print(models.describe())
     try:
-        scores = _score(predictor, source, args)
+        scores = _score(models, source, args)
     except DataError as error:
         print(f"error: {error}; nothing written", file=sys.stderr)
         return EXIT_FAILED
@@ -94,10 +111,16 @@ def main(argv: list[str]) -> int:
         print(f"error: {counts(scores)}; the scored images hold one class only, so no metric is defined",
               file=sys.stderr)
         return EXIT_FAILED
-    report = _write_outputs(args.out, predictor, scores, source, args.bootstrap)
+    report = _write_outputs(args, models, scores, source)
     print(json.dumps({k: report[k] for k in ("alpha", "beta", "auc", "n", "positives")}, default=float))
-    print(f"wrote {', '.join(WRITTEN)} to {args.out}: {counts(scores)}")
+    written = (*WRITTEN, ENSEMBLE_FILE) if "ensemble" in report else WRITTEN
+    print(f"wrote {', '.join(written)} to {args.out}: {counts(scores)}")
     return exit_code(scores)
+
+
+def _written(checked: Members) -> tuple[str, ...]:
+    """The files --out receives: with several bare exports also the ensemble.json of their threshold."""
+    return (*WRITTEN, ENSEMBLE_FILE) if checked.needs_threshold else WRITTEN
 
 
 def _checked_source(args: argparse.Namespace):
@@ -147,22 +170,28 @@ def _check_both_classes(what: str, samples: int, positives: int) -> None:
     raise InputError(f"{what}: all {samples} samples to evaluate are {only}; the metrics need both RG and NRG")
 
 
-def _score(predictor: Predictor, source, args: argparse.Namespace) -> Scores:
+def _score(models: Ensemble, source, args: argparse.Namespace) -> Scores:
     mode = progress_mode(args.progress)
     if isinstance(source, list):
-        return predictor.score_shards(source, split_counts(source, "auto").samples, args.batch_size, progress=mode)
-    scores = predictor.score_images(source.images, args.batch_size, mode)
+        return models.score_shards(source, split_counts(source, "auto").samples, args.batch_size, progress=mode)
+    scores = models.score_images(source.images, args.batch_size, mode)
     scores.labels = [source.labels[key] for key in scores.keys]
     return scores
 
 
-def _write_outputs(out: Path, predictor: Predictor, scores: Scores, source, bootstrap: int) -> dict:
+def _write_outputs(args: argparse.Namespace, models: Ensemble, scores: Scores, source) -> dict:
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    report = metrics.compute_all(scores.labels, scores.scores, bootstrap=bootstrap)
-    threshold = predictor.meta.get("threshold")
+    report = metrics.compute_all(scores.labels, scores.scores, bootstrap=args.bootstrap)
+    report["models"] = models.names
+    if len(models.names) > 1:
+        report["combine"] = COMBINE_RULE
+    threshold = models.threshold
     if threshold is not None:
-        report["at_export_threshold"] = {"threshold": threshold,
+        report["at_export_threshold"] = {"threshold": threshold, "source": models.threshold_source,
                                          **metrics.confusion_at(scores.labels, scores.scores, threshold)}
+    elif len(models.names) > 1:
+        threshold = _choose_ensemble_threshold(args, models, scores, report)
     report["rejected"] = [{"id": key, "path": where, "reason": reason} for where, key, reason in scores.bad]
     if isinstance(source, LabelledImages):
         report["skipped"] = source.skipped
@@ -170,6 +199,16 @@ def _write_outputs(out: Path, predictor: Predictor, scores: Scores, source, boot
     metrics.plot_roc(scores.labels, scores.scores, out / "roc.png")
     write_predictions(out / "predictions.csv", scores, threshold)
     return report
+
+
+def _choose_ensemble_threshold(args: argparse.Namespace, models: Ensemble, scores: Scores, report: dict) -> float:
+    """The bare exports' own threshold, chosen on this labelled set and kept in ensemble.json for predict.py."""
+    threshold = choose_threshold(scores.labels, scores.scores)
+    labelled_by = f"--shards {args.shards}" if args.shards else f"--images {args.images} --labels {args.labels}"
+    validation = {"set": labelled_by, **{key: report[key] for key in ("n", "positives", "alpha", "beta", "auc")}}
+    report["ensemble"] = str(write_ensemble(args.out / ENSEMBLE_FILE, models, threshold, validation))
+    report["ensemble_threshold"] = threshold
+    return threshold
 
 
 if __name__ == "__main__":

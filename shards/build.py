@@ -13,7 +13,8 @@ import argparse
 import sys
 
 from dist_train.cli_help import ArgumentParser, exit_codes
-from dist_train.shards.build import MAX_ASPECT_RATIO, BuildOptions, TooManyRejectedError, build
+from dist_train.data.preprocess import Clahe, parse_clahe
+from dist_train.shards.build import MAX_ASPECT_RATIO, PRESET_SHARD_SIZES, BuildOptions, TooManyRejectedError, build
 from dist_train.shards.inputs import ShardInputError
 from dist_train.shards.verify import UnfinishedBuildError, verify
 
@@ -34,10 +35,18 @@ def parse_build_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--labels", required=True,
                         help="CSV with challenge_id,class: ids without extension, classes RG/NRG or 1/0")
     parser.add_argument("--out", required=True, help="output folder for shards and manifest.json")
-    parser.add_argument("--size", type=int, default=512, help="side of the stored square image (default: %(default)s)")
+    parser.add_argument("--preset", type=int, choices=sorted(PRESET_SHARD_SIZES),
+                        help="the resolution you train at: sets --size to it and --shard-size to "
+                             + ", ".join(f"{n} at {size}" for size, n in PRESET_SHARD_SIZES.items())
+                             + " px (about 150-300 MB per shard of fundus JPEGs at quality 95, 230-470 MB with "
+                               "--clahe); --size or --shard-size given as well win (default: no preset)")
+    parser.add_argument("--size", type=int, help="side of the stored square image (default: the preset's, else 512)")
     parser.add_argument("--quality", type=int, default=95,
                         help="JPEG quality of the stored image (default: %(default)s)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
+    parser.add_argument("--shard-size", type=int, help="samples per shard (default: the preset's, else 1000)")
+    parser.add_argument("--clahe", type=_clahe_argument, metavar="CLIP,GRID",
+                        help="apply CLAHE (clip limit, tile grid, e.g. 2.0,8) once here, after the resize, and "
+                             "record it in manifest.json; train these shards with data.clahe=false (default: none)")
     parser.add_argument("--max-shard-bytes", type=int, default=None,
                         help="target shard size; samples per shard estimated from a probe "
                              "(default: none, --shard-size decides)")
@@ -54,11 +63,22 @@ def parse_build_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--skip-missing", action="store_true",
                         help="ignore labelled ids without an image and images without a label")
     args = parser.parse_args(argv)
+    if args.size is None:
+        args.size = args.preset or 512
+    if args.shard_size is None:
+        args.shard_size = PRESET_SHARD_SIZES.get(args.preset, 1000)
     if args.size < 8 or not 1 <= args.quality <= 100 or args.shard_size < 1 or args.workers < 1:
         parser.error("need --size >= 8, 1 <= --quality <= 100, --shard-size >= 1, --workers >= 1")
     if not 0 <= args.val_fraction < 1 or not 0 <= args.max_rejected_fraction <= 1:
         parser.error("need 0 <= --val-fraction < 1 and 0 <= --max-rejected-fraction <= 1")
     return args
+
+
+def _clahe_argument(text: str) -> Clahe:
+    try:
+        return parse_clahe(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def run_build(argv: list[str]) -> int:
@@ -67,7 +87,7 @@ def run_build(argv: list[str]) -> int:
         size=args.size, quality=args.quality, shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes,
         workers=args.workers, seed=args.seed, val_fraction=args.val_fraction, split_column=args.split_column,
         val_dirs=tuple(args.val_dirs), max_rejected_fraction=args.max_rejected_fraction,
-        skip_missing=args.skip_missing,
+        skip_missing=args.skip_missing, clahe=args.clahe,
     )
     try:
         report = build(args.images, args.labels, args.out, options)

@@ -45,3 +45,12 @@ def test_a_run_directory_that_cannot_be_created_is_one_line(make_shards, tmp_pat
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(error) == 1, error
     assert "cannot prepare run directory" in error[0] and str(not_a_folder) in error[0]
+
+
+def test_layer_decay_on_a_backbone_timm_cannot_number_is_refused(make_shards, tmp_path, capsys):
+    code = main(["--config", CONFIG, "--set", *make_shards().overrides(), f"run_root={tmp_path / 'runs'}",
+                 "model.backbone=pit_ti_224", "optim.layer_decay=0.65"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1, error
+    assert "optim.layer_decay" in error[0] and "group_matcher" in error[0]
+    assert not (tmp_path / "runs").exists()

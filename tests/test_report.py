@@ -1,7 +1,8 @@
 """dist_train.report and the compare/report CLIs, on run directories written the way the loop writes them.
 
 The HTML report is rendered in headless Chromium (tests/install_test_deps.sh installs it): the
-screenshot must not be blank and the rendered DOM must hold the comparison table's figures.
+screenshot must not be blank and the rendered DOM must hold the comparison table's figures; on real runs
+(with checkpoints and val shards) every class-activation overlay must be decoded by the browser.
 """
 
 from __future__ import annotations
@@ -146,9 +147,50 @@ def test_report_is_self_contained(run_dirs, tmp_path):
     out = load_cli("report").write_report(run_dirs, tmp_path / "report.html")
     page = out.read_text()
     assert "<script" not in page and "<link" not in page and "url(" not in page
-    assert re.findall(r'src="([^"]{0,22})', page) == ["data:image/png;base64,"] * 5
+    assert re.findall(r'src="([^"]{0,22})', page) == ["data:image/png;base64,"] * 7
     assert "http://" not in page and "https://" not in page
     assert page.count("last_2_blocks") >= 2 and "predicted positive" in page
+
+
+def test_a_run_without_checkpoints_gets_its_report_with_a_note_instead_of_maps(run_dirs, tmp_path):
+    page = report.write_report(run_dirs, tmp_path / "report.html").read_text()
+    for run_dir in run_dirs:
+        assert f"No class-activation maps: {run_dir.name} has no checkpoint" in page
+    assert 'class="cam"' not in page and page.count("reliability diagram") == 2
+
+
+def test_a_failure_while_mapping_drops_only_that_section_with_a_warning(tmp_path, caplog):
+    import webdataset as wds
+
+    from conftest import jpeg_bytes
+
+    run_dir = write_fake_run(tmp_path, "broken", loss="bce", lr=1e-3, bias=-1.0, world_size=1, seed=3)
+    (tmp_path / "shards").mkdir()
+    with wds.TarWriter(str(tmp_path / "shards" / "val-000000.tar")) as writer:  # the fake run's own val ids
+        for index in range(VAL_SIZE):
+            writer.write({"__key__": f"VAL{index:05d}", "jpg": jpeg_bytes(index), "cls": b"0"})
+    config = (run_dir / "config.yaml").read_text().replace("shards/val.tar", f"{tmp_path}/shards/val-*.tar")
+    (run_dir / "config.yaml").write_text(config)
+    (run_dir / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-00000004" / "trainer.json").write_text("{ not json")
+    (run_dir / "checkpoints" / "latest").write_text("step-00000004\n")
+    with caplog.at_level("WARNING", logger="dist_train.report"):
+        page = report.write_report([run_dir], tmp_path / "report.html").read_text()
+    assert "Class-activation maps skipped:" in page and "reliability diagram" in page
+    assert any("class-activation maps of broken skipped" in record.getMessage() for record in caplog.records)
+
+
+def test_the_ece_shown_is_the_binned_gap_between_frequency_and_likelihood(run_dirs, tmp_path):
+    page = report.write_report(run_dirs[:1], tmp_path / "report.html").read_text()
+    shown = float(re.search(r'<span id="ece-b0-bce">([0-9.]+)</span>', page).group(1))
+    rows = [line.split(",") for line in (run_dirs[0] / "predictions_val.csv").read_text().splitlines()[1:]]
+    labels, scores = np.array([int(row[1]) for row in rows]), np.array([float(row[2]) for row in rows])
+    gap = 0.0
+    for low in np.arange(10) / 10:  # (low, low + 0.1], the first bin also taking 0
+        members = (scores > low) & (scores <= low + 0.1) | ((low == 0) & (scores == 0))
+        if members.any():
+            gap += members.sum() / len(scores) * abs(labels[members].mean() - scores[members].mean())
+    assert shown == pytest.approx(gap, abs=1e-4)
 
 
 def test_report_renders_in_headless_chromium(run_dirs, tmp_path):
@@ -166,6 +208,21 @@ def test_report_renders_in_headless_chromium(run_dirs, tmp_path):
         best_alpha = max(record["alpha"] for record in records_of(run_dir, "eval"))
         assert f"<th>{run_dir.name}</th>" in table and f"{best_alpha:.4f} (epoch " in table
     assert "<td>world size</td><td>2</td><td>4</td>" in table
+
+
+DECODED_PROBE = ('<script>window.addEventListener("load", () => { document.body.dataset.decoded = '
+                 '[...document.querySelectorAll("img.cam")].map(i => i.complete && i.naturalWidth).join(","); });'
+                 "</script>")
+"""Added to a copy of a report (the report itself has no script): lists each overlay's decoded width."""
+
+
+def decoded_overlay_widths(browser: str, tmp_path: Path, page: Path) -> list[int]:
+    """Widths of the report's overlays as Chromium decoded them (0 or false for an image it could not decode)."""
+    probe = tmp_path / f"probe-{page.parent.name}.html"
+    probe.write_text(page.read_text().replace("</body>", DECODED_PROBE + "</body>"))
+    dom = chromium(browser, tmp_path, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
+    decoded = re.search(r'data-decoded="([^"]*)"', dom).group(1)
+    return [int(width) if width.isdigit() else 0 for width in decoded.split(",") if width]
 
 
 def find_chromium() -> str | None:
@@ -231,3 +288,14 @@ def test_compare_and_report_on_real_run_directories(real_runs, tmp_path):
         figure = f"{best['alpha']:.4f} (epoch {best['epoch']})"
         assert figure in compared.stdout and figure in table, (figure, run_dir.name)
     assert "| optim.lr | 0.0001 | 0.003 |" in compared.stdout
+
+
+def test_real_runs_show_decoded_overlays_of_their_chosen_cases(real_runs, tmp_path):
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("chromium not found: run tests/install_test_deps.sh (apt-get install -y chromium)")
+    for page in [run_dir / "report.html" for run_dir in real_runs]:  # written by the Trainer at the end
+        text = page.read_text()
+        expected = len(re.findall(r'<img alt="Grad-CAM (true positive|false negative|false positive) ', text))
+        assert 1 <= expected <= 9 and "Most confident true positives" in text, page
+        assert decoded_overlay_widths(browser, tmp_path, page) == [384] * expected, page

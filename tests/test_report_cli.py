@@ -43,3 +43,25 @@ def test_report_out_that_is_a_folder_is_refused(tmp_path, capsys):
     (run / "config.yaml").write_text("name: run\n")
     message = refused(capsys, "report", [str(run), "--out", str(tmp_path)])
     assert f"--out {tmp_path} is a folder" in message and "report.html" in message
+
+
+def test_a_negative_cams_count_is_refused_before_anything_is_written(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: run\n")
+    out = tmp_path / "report.html"
+    message = refused(capsys, "report", [str(run), "--out", str(out), "--cams", "-1"])
+    assert "--cams -1" in message and "0 (no maps)" in message
+    assert not out.exists()
+
+
+def test_cams_zero_writes_the_report_without_the_maps_section(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: run\n")
+    out = tmp_path / "report.html"
+    assert load_cli("report").main([str(run), "--out", str(out), "--cams", "0"]) == 0
+    with_maps = tmp_path / "with.html"
+    assert load_cli("report").main([str(run), "--out", str(with_maps)]) == 0
+    assert "What the model looks at" not in out.read_text()
+    assert "No class-activation maps: run has no checkpoint" in with_maps.read_text()

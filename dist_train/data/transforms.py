@@ -100,6 +100,19 @@ def apply_clahe(rgb: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) ->
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
+def shard_jpeg(image: Image.Image, quality: int, clahe: tuple[float, int] | None = None) -> bytes:
+    """The JPEG bytes a shard stores for a preprocessed fundus: CLAHE (clip limit, tile grid) first if asked.
+
+    The shard builder and the predictor's raw-image path both encode through here, so a raw image scored by a
+    model trained on CLAHE-at-build shards gets the very bytes its shard sample would have had.
+    """
+    if clahe is not None:
+        image = Image.fromarray(apply_clahe(np.asarray(image.convert("RGB")), clip_limit=clahe[0], tile_grid=clahe[1]))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def _open(source: ImageSource) -> Image.Image:
     """Open lazily (header only); decoding errors surface later in _decode."""
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source

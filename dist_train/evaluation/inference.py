@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -23,8 +22,9 @@ from safetensors.torch import save
 from torch import nn
 
 from dist_train.config import DataConfig, config_from_dict
+from dist_train.data.preprocess import Clahe, export_clahe, prediction_clahe, raw_image_clahe, shards_clahe
 from dist_train.data.stream import Decoder, EvalStream, make_loader
-from dist_train.data.transforms import BadImageError, load_fundus
+from dist_train.data.transforms import BadImageError, load_fundus, shard_jpeg
 from dist_train.errors import CheckpointError, UserError
 from dist_train.evaluation.scoring import Scores, score_stream
 from dist_train.model.network import GlaucomaNet, build_model, export_meta_path, load_for_inference
@@ -49,7 +49,8 @@ def export(source: Path, out: Path) -> Path:
         weights = sharded.model_weights(folder)
     config = state["config"]
     model_cfg = config_from_dict(config, str(folder / checkpoint.TRAINER_FILE)).model
-    model = build_model(dataclasses.replace(model_cfg, pretrained="none", compile=False))
+    model = build_model(dataclasses.replace(model_cfg, pretrained="none", compile=False),
+                        image_size=config["data"]["image_size"])
     model.load_state_dict(_plain_names(weights), strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(out, save({name: tensor.contiguous() for name, tensor in model.state_dict().items()}))
@@ -88,8 +89,7 @@ def _meta(config: dict[str, Any], state: dict[str, Any], folder: Path, model: Gl
     return {
         "format": "dist_train-export/1",
         "model": config["model"],
-        "preprocess": {"image_size": data["image_size"], "clahe": data["clahe"],
-                       "clahe_clip_limit": data["clahe_clip_limit"], "clahe_tile_grid": data["clahe_tile_grid"],
+        "preprocess": {"image_size": data["image_size"], **export_clahe(data, shards),
                        "mean": list(model.data_config["mean"]), "std": list(model.data_config["std"]),
                        "shard_size": shards.get("size"), "shard_quality": shards.get("quality", 95)},
         "tta": config["eval"]["tta"],
@@ -112,30 +112,43 @@ class Predictor:
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu") -> Predictor:
-        model, meta = load_for_inference(_export_file(path))
+        model, meta = load_for_inference(export_file(path))
         return cls(model.to(device), meta, torch.device(device))
 
-    def decoder(self) -> Decoder:
+    def decoder(self, input_clahe: Clahe | None = None) -> Decoder:
+        """The evaluation decoder for input that has had `input_clahe` (None: raw pixels; see prediction_clahe)."""
         pre = self.meta["preprocess"]
-        clahe = (pre["clahe_clip_limit"], pre["clahe_tile_grid"]) if pre["clahe"] else None
+        clahe = prediction_clahe(pre, input_clahe)
         return Decoder(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), clahe, None)
 
+    def shards_decoder(self, urls: list[str]) -> Decoder:
+        """The decoder for these shards; shards equalised unlike the model's training input are refused here."""
+        return self.decoder(shards_clahe(urls))
+
+    def prepare(self, path: Path) -> bytes:
+        """A raw image as the JPEG bytes its shard sample would hold: the builder's crop and resize, the CLAHE
+        of a CLAHE-at-build model, the export's JPEG quality. Raises BadImageError for an unreadable file."""
+        pre = self.meta["preprocess"]
+        return shard_jpeg(_load_fundus(path, pre.get("shard_size") or 512), pre.get("shard_quality") or 95,
+                          raw_image_clahe(pre))
+
     def score_shards(self, urls: list[str], total: int, batch_size: int = 64, workers: int = 0,
-                     progress: str = "none") -> Scores:
+                     progress: str = "none", desc: str = "scoring") -> Scores:
         """Every sample of the shards; corrupt ones land in `bad` (url, key, reason), as in training."""
-        stream = EvalStream(urls, self.decoder(), batch_size, 0, 1, workers)
+        stream = EvalStream(urls, self.shards_decoder(urls), batch_size, 0, 1, workers)
         data = DataConfig(train_shards="-", val_shards=urls[0], workers=workers)
-        with Progress(progress, total, desc="scoring") as bar:
+        with Progress(progress, total, desc=desc) as bar:
             return score_stream(self.model, _counted(make_loader(stream, data, False), bar), self.device,
                                 self.meta["tta"], None, contextlib.nullcontext)
 
-    def score_images(self, images: dict[str, Path], batch_size: int = 32, progress: str = "none") -> Scores:
+    def score_images(self, images: dict[str, Path], batch_size: int = 32, progress: str = "none",
+                     desc: str = "scoring") -> Scores:
         """Raw fundus images (id -> path) through the shard builder's preprocessing, then the evaluation decoder.
 
         An unreadable image is skipped into `bad` as (path, id, reason) rather than ending the run.
         """
         items, merged = sorted(images.items()), Scores([], [], [], 0.0, [])
-        with Progress(progress, len(items), desc="scoring") as bar:
+        with Progress(progress, len(items), desc=desc) as bar:
             for start in range(0, len(items), batch_size):
                 chunk = items[start:start + batch_size]
                 part = self._score_chunk(chunk)
@@ -147,15 +160,15 @@ class Predictor:
         return merged
 
     def _score_chunk(self, chunk: list[tuple[str, Path]]) -> Scores:
-        pre, decoder = self.meta["preprocess"], self.decoder()
+        decoder = self.decoder(raw_image_clahe(self.meta["preprocess"]))
         tensors, keys, bad = [], [], []
         for key, path in chunk:
             try:
-                fundus = _load_fundus(path, pre.get("shard_size") or 512)
+                sample = self.prepare(path)
             except BadImageError as error:
                 bad.append((str(path), key, str(error)))
                 continue
-            tensors.append(decoder({"jpg": _reencode(fundus, pre.get("shard_quality") or 95)}, 0))
+            tensors.append(decoder({"jpg": sample}, 0))
             keys.append(key)
         if not keys:
             return Scores([], [], [], 0.0, bad)
@@ -215,13 +228,8 @@ class _ImageBatch:
     bad: tuple = ()
 
 
-def _reencode(image, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def _export_file(path: Path) -> Path:
+def export_file(path: Path) -> Path:
+    """The export a --model names: the file itself, or a run directory's export/model.safetensors."""
     if path.is_dir():
         candidate = path / "export" / "model.safetensors"
         if not candidate.is_file():

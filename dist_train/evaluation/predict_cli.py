@@ -15,7 +15,9 @@ import torch
 
 from dist_train.cli_help import exit_codes
 from dist_train.data.stream import DataError, shard_urls
-from dist_train.evaluation.inference import InputError, Predictor
+from dist_train.evaluation import ensemble
+from dist_train.evaluation.ensemble import Ensemble, Members
+from dist_train.evaluation.inference import InputError
 from dist_train.evaluation.scoring import PREDICTION_COLUMNS, Scores
 from dist_train.shards.inputs import offenders
 
@@ -31,9 +33,11 @@ def epilog(extra_codes: dict[int, str] | None = None) -> str:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, required=True,
+    parser.add_argument("--model", type=Path, action="append", required=True,
                         help="model.safetensors (with its .json beside it), or a run directory holding "
-                             "export/model.safetensors")
+                             "export/model.safetensors; repeat it to average several models (their probabilities, "
+                             "each with its own preprocessing and TTA), or give the ensemble.json evaluate.py "
+                             "wrote for them")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
@@ -88,9 +92,15 @@ def resolve_shards(pattern: str) -> list[str]:
     return urls
 
 
-def load_predictor(args: argparse.Namespace) -> Predictor:
+def check_models(args: argparse.Namespace) -> Members:
+    """The --model list resolved and checked (see ensemble.check_models), before any model loads."""
+    return ensemble.check_models(args.model)
+
+
+def load_models(checked: Members, args: argparse.Namespace) -> Ensemble:
+    """The checked members loaded as one Ensemble (one member for a single model); a bad export is an InputError."""
     try:
-        return Predictor.load(args.model, args.device)
+        return ensemble.load_ensemble(checked, args.device)
     except (FileNotFoundError, ValueError) as error:
         raise InputError(str(error)) from None
 

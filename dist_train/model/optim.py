@@ -1,8 +1,9 @@
 """The run's one optimizer and its LR schedule: groups by unfreeze phase, global-batch scaling, warmup and decay.
 
 Every parameter is in the one optimizer from the start, grouped by (the phase in which it first trains,
-decayed or not), so a checkpoint has one shape for the whole run (docs/UNFREEZE.md). The LR schedule
-sets every group's LR before each optimizer step, from the step's place in training.
+decayed or not, and with `optim.layer_decay` its timm layer), so a checkpoint has one shape for the whole
+run (docs/UNFREEZE.md). The LR schedule sets every group's LR before each optimizer step, from the step's
+place in training, times the group's layer-decay scale.
 """
 
 from __future__ import annotations
@@ -10,38 +11,94 @@ from __future__ import annotations
 import math
 from typing import Any, cast
 
+import timm
 import torch
+from timm.models import group_parameters
 from torch import nn
 
 from dist_train.config import OptimConfig, PhaseConfig, ScheduleConfig
+from dist_train.errors import UserError
 from dist_train.model.network import GlaucomaNet, model_no_weight_decay_names, no_weight_decay
-from dist_train.model.unfreeze import NEVER, UnfreezeSchedule, phase_index_at, unwrap
+from dist_train.model.unfreeze import NEVER, UnfreezeSchedule, head_names, phase_index_at, timm_unmatched, unwrap
 
 # ---------------------------------------------------------------- optimizer
 
 
 def optimizer_param_groups(model: nn.Module, schedule: UnfreezeSchedule, optim_cfg: OptimConfig,
                            batch_scale: float = 1.0) -> list[dict[str, Any]]:
-    """Every parameter, grouped by (first phase that trains it, decayed or not).
+    """Every parameter, grouped by (first phase that trains it, decayed or not, layer under layer decay).
 
-    Keys: params, lr (base_lr x batch_scale), base_lr (the recipe's peak, before global-batch scaling),
-    weight_decay, phase, decay. base_lr stays unscaled because a checkpoint restores it: a run resumed
-    on another world size must scale the recipe's LR by its own global batch, not the saved one's.
-    The NEVER group has lr 0 so that even a stray gradient cannot move it.
+    Keys: params, lr (base_lr x batch_scale x lr_scale), base_lr (the recipe's peak, before global-batch
+    scaling), weight_decay, phase, decay, layer and lr_scale (layer_decay ** layers below the head; 1 when
+    off). base_lr stays unscaled because a checkpoint restores it: a run resumed on another world size
+    must scale the recipe's LR by its own global batch, not the saved one's. The NEVER group has lr 0 so
+    that even a stray gradient cannot move it. Without layer decay every parameter is in layer 0, so the
+    groups (and the checkpoints of earlier runs) are the ones they always were.
     """
     model = unwrap(model)
     exempt = model_no_weight_decay_names(cast(GlaucomaNet, model))  # unwrap() yields the GlaucomaNet trained
-    buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    layer_of, top = decay_layers(model) if optim_cfg.layer_decay is not None else ({}, 0)
+    buckets: dict[tuple[int, bool, int], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        key = (schedule.first_phase_of(name), not no_weight_decay(name, param, exempt))
+        key = (schedule.first_phase_of(name), not no_weight_decay(name, param, exempt), layer_of.get(name, 0))
         buckets.setdefault(key, []).append(param)
     groups = []
-    for phase_index, decay in sorted(buckets, key=lambda key: (key[0] == NEVER, key[0], not key[1])):
+    for phase_index, decay, layer in sorted(buckets, key=_group_order):
         lr = _phase_lr(schedule.phases, phase_index, optim_cfg)
-        groups.append({"params": buckets[(phase_index, decay)], "lr": lr * batch_scale, "base_lr": lr,
-                       "weight_decay": optim_cfg.weight_decay if decay else 0.0,
-                       "phase": phase_index, "decay": decay})
+        scale = 1.0 if optim_cfg.layer_decay is None else optim_cfg.layer_decay ** (top - layer)
+        groups.append({"params": buckets[(phase_index, decay, layer)], "lr": lr * batch_scale * scale,
+                       "base_lr": lr, "weight_decay": optim_cfg.weight_decay if decay else 0.0,
+                       "phase": phase_index, "decay": decay, "layer": layer, "lr_scale": scale})
     return groups
+
+
+def _group_order(key: tuple[int, bool, int]) -> tuple[bool, int, bool, int]:
+    """Phases in order (NEVER last), decayed first, then from the head down: the first group logged is
+    phase 0's at its peak, as it is without layer decay."""
+    phase_index, decay, layer = key
+    return phase_index == NEVER, phase_index, not decay, -layer
+
+
+class LayerDecayError(UserError, ValueError):
+    """optim.layer_decay asked of a backbone timm cannot number the layers of."""
+
+
+def decay_layers(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Each parameter's layer for layer-wise LR decay, and the top layer (our head's).
+
+    timm's numbering, as `timm.optim.param_groups_layer_decay` makes it: the backbone's fine groups
+    (`group_matcher(coarse=False)`) from the input; for a ViT 0 = patch/position embeddings and tokens,
+    i + 1 = block i, the final `norm` in the last block. timm puts the parameters its matcher names in no
+    group (its classifier, a ViT's fc_norm under avg pooling) in the top layer at full LR; our head takes
+    the place of timm's classifier, so it is that top layer, or the one above the backbone's last when
+    nothing is left there. This is MAE's and RETFound's rule: block i at layer_decay ** (depth - i).
+    """
+    model = unwrap(model)
+    backbone = cast(Any, model.backbone)  # a timm model: group_matcher is timm's, beyond nn.Module's types
+    _require_group_matcher(backbone)
+    matcher = backbone.group_matcher(coarse=False)
+    backbone_layers = group_parameters(backbone, matcher, reverse=True)
+    highest = max(backbone_layers.values())
+    top = highest if timm_unmatched(backbone, matcher) else highest + 1
+    layer_of = {f"backbone.{name}": layer for name, layer in backbone_layers.items()}
+    layer_of.update(dict.fromkeys(head_names(model), top))
+    return layer_of, top
+
+
+def check_layer_decay(backbone_name: str, layer_decay: float | None) -> None:
+    """Refuse layer decay for a backbone timm cannot number, before any process starts (preflight).
+
+    The backbone is built on the meta device: its structure without its memory or its init time."""
+    if layer_decay is None:
+        return
+    with torch.device("meta"):
+        _require_group_matcher(timm.create_model(backbone_name, pretrained=False, num_classes=0))
+
+
+def _require_group_matcher(backbone: nn.Module) -> None:
+    if not hasattr(backbone, "group_matcher"):
+        raise LayerDecayError(f"optim.layer_decay: model.backbone {type(backbone).__name__} has no timm "
+                              "group_matcher to number its layers by; set optim.layer_decay=null")
 
 
 def _phase_lr(phases: list[PhaseConfig], phase_index: int, optim_cfg: OptimConfig) -> float:
@@ -118,7 +175,10 @@ class LRSchedule:
     (k + 1) / W at the k-th step of the phase, for the groups of the phase being warmed up, and
     the decay is 1 (constant), the plateau scale (floored at min_lr), or a cosine from the peak
     to min_lr between the end of warmup and the last step of the run. A phase with
-    `reset_schedule` restarts the plateau scale and the cosine at its start.
+    `reset_schedule` restarts the plateau scale and the cosine at its start. All of that is then
+    multiplied by the group's layer-decay `lr_scale` (min_lr included, as timm and MAE do), taken
+    from the groups as built for this run and not from a checkpoint: a restored optimizer state
+    carries the saved run's scales, and a resume under another optim.layer_decay must apply its own.
 
     Call `step(global_step, epoch)` before each `optimizer.step()` (global_step = index of that
     step, from 0, counted in epochs of `steps_per_epoch` steps: `epoch * steps_per_epoch + steps
@@ -135,6 +195,7 @@ class LRSchedule:
                              "build them with optimizer_param_groups")
         self.optimizer, self.cfg, self.phases = optimizer, schedule_cfg, list(phases)
         self.batch_scale = batch_scale
+        self.layer_scales = [float(group.get("lr_scale", 1.0)) for group in optimizer.param_groups]
         self.steps_per_epoch, self.total_steps = steps_per_epoch, steps_per_epoch * epochs
         first_warmup = phases[0].warmup_epochs
         self.phase_index = 0
@@ -150,7 +211,8 @@ class LRSchedule:
         phase_index = phase_index_at(self.phases, epoch)
         if phase_index > self.phase_index:
             self.on_phase_start(phase_index, global_step)
-        for group in self.optimizer.param_groups:
+        for group, layer_scale in zip(self.optimizer.param_groups, self.layer_scales, strict=True):
+            group["lr_scale"] = layer_scale
             group["lr"] = self.lr_of(group, global_step)
 
     def lr_of(self, group: dict[str, Any], global_step: int) -> float:
@@ -162,7 +224,7 @@ class LRSchedule:
         steps_in_phase = global_step - self.phase_start_step
         if phase_index == self.phase_index and steps_in_phase < self.warmup_steps:
             lr *= (max(steps_in_phase, 0) + 1) / self.warmup_steps
-        return lr
+        return lr * group.get("lr_scale", 1.0)
 
     def _decayed(self, base_lr: float, global_step: int) -> float:
         floor = min(self.cfg.min_lr, base_lr)

@@ -8,7 +8,8 @@ Units of unfreezing, always counted from the OUTPUT end of the network:
   forward order; the head's layers come last.
 - a *block* is one of timm's coarse parameter groups of the backbone
   (`group_parameters(backbone, backbone.group_matcher(coarse=True))`: stem, one per stage; the
-  final conv of an EfficientNet joins the last stage), followed by our head as its own block.
+  final conv of an EfficientNet joins the last stage; a ViT: embeddings, then one per transformer
+  block, the final `norm` or `fc_norm` joining the last), followed by our head as its own block.
 
 Phase specs (`unfreeze.phases[i].train`):
 
@@ -29,13 +30,10 @@ entirely (no weight decay, no momentum, no state). Its state appears at its firs
 from __future__ import annotations
 
 import bisect
-import functools
 from typing import Any, cast
 
-import torch
 from timm.models import group_parameters
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from dist_train import compat
 from dist_train.config import PhaseConfig, UnfreezeConfig
@@ -85,9 +83,35 @@ def blocks(model: nn.Module) -> list[list[str]]:
     if not hasattr(backbone, "group_matcher"):
         raise ValueError(f"unfreeze: {type(backbone).__name__} has no timm group_matcher, so "
                          "last_N_blocks is undefined for it; use last_N_layers")
-    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    groups = group_parameters(backbone, join_unmatched(backbone.group_matcher(coarse=True)))
     backbone_blocks = [[f"backbone.{name}" for name in groups[index]] for index in sorted(groups)]
     return backbone_blocks + [sorted(head_names(model))]
+
+
+JOIN_PREVIOUS = (99999,)
+"""timm's MATCH_PREV_GROUP: a group_matcher suffix that puts its parameters into the group before them."""
+
+
+def join_unmatched(matcher: Any) -> Any:
+    """A timm group_matcher whose unmatched parameters join the last group instead of forming their own.
+
+    timm gives the parameters its matcher names in no group a group of their own at the top, meant for
+    its classifier (they train at the head's LR under layer decay). With the classifier removed
+    (num_classes=0), what is left there is the last norm of the trunk (a ViT's `fc_norm` under avg
+    pooling), so for unfreezing it belongs to the last block, as timm's matcher already says of `norm`
+    (MATCH_PREV_GROUP); otherwise `last_1_blocks` would train fc_norm and no transformer block. A
+    callable matcher is returned as it is.
+    """
+    if not isinstance(matcher, dict):
+        return matcher
+    return {**matcher, "_unmatched_join_last": [(r".", JOIN_PREVIOUS)]}
+
+
+def timm_unmatched(backbone: nn.Module, matcher: Any) -> set[str]:
+    """Backbone parameter names `matcher` puts in no group (timm's top group: classifier, fc_norm, a neck)."""
+    plain = group_parameters(backbone, matcher, reverse=True)
+    joined = group_parameters(backbone, join_unmatched(matcher), reverse=True)
+    return {name for name, layer in plain.items() if joined[name] != layer}
 
 
 def head_names(model: nn.Module) -> set[str]:
@@ -151,17 +175,16 @@ class UnfreezeSchedule:
             raise RuntimeError("UnfreezeSchedule: no phase applied yet; call apply(model, phase_index)")
         return self.phase_trainable[index]
 
-    def apply(self, model: nn.Module, phase_index: int, *, set_requires_grad: bool = True) -> dict[str, Any]:
-        """Enter `phase_index`: `requires_grad` on exactly its parameters (all, when not set_requires_grad).
+    def apply(self, model: nn.Module, phase_index: int) -> dict[str, Any]:
+        """Enter `phase_index`: `requires_grad` on exactly its parameters, so frozen ones cost no backward.
 
-        `set_requires_grad=False` is for DeepSpeed, which registers every parameter at init: there all
-        stay trainable and the frozen ones are gated through `install_grad_gate`.
+        Both engines call it; DeepSpeed after registering every parameter as trainable at init (zero.py).
         """
         self.current = phase_index
         trainable = self.phase_trainable[phase_index]
         count = 0
         for name, param in unwrap(model).named_parameters():
-            param.requires_grad_(name in trainable or not set_requires_grad)
+            param.requires_grad_(name in trainable)
             count += param.numel() if name in trainable else 0
         phase = self.phases[phase_index]
         return {"phase": phase_index, "train": phase.train, "trainable_params": count,
@@ -182,18 +205,6 @@ class UnfreezeSchedule:
             is_norm = compat.is_batchnorm(module)
             if is_norm and _owns_only_frozen(module_name, module, trainable):
                 module.eval()
-
-    def install_grad_gate(self, model: nn.Module) -> list[RemovableHandle]:
-        """Tensor hooks that zero each frozen parameter's gradient before anything else sees it.
-
-        The hooks read the current phase at call time, so they are installed once for the run.
-        They run before gradient accumulation and before DeepSpeed's reduction hooks.
-        """
-        return [param.register_hook(functools.partial(self._gate, name))
-                for name, param in unwrap(model).named_parameters()]
-
-    def _gate(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        return grad if name in self.trainable() else torch.zeros_like(grad)
 
 
 def phase_index_at(phases: list[PhaseConfig], epoch: int) -> int:

@@ -41,35 +41,86 @@ class Geometry:
     cdr: float
 
 
+GEOMETRY_FILE = "geometry.csv"
+"""Sidecar beside labels.csv: where each image's optic disc is, so a saliency map can be checked against it."""
+GEOMETRY_COLUMNS = ("id", "width", "height", "disc_x", "disc_y", "disc_radius")
+"""Pixels of the written JPEG: its size, the disc centre (x right, y down) and the disc's horizontal radius."""
+
+
 def generate(out_dir, n: int, positive_rate: float = 0.03, size: int = 512, seed: int = 0,
              folders: int = 1, label_noise: float = 0.03) -> Path:
-    """Write n JPEGs under out_dir/<folder>/ and out_dir/labels.csv; return the CSV path.
+    """Write n JPEGs under out_dir/<folder>/, out_dir/labels.csv and out_dir/geometry.csv; return the CSV path.
 
     Exactly round(n * positive_rate) images are labelled RG; a `label_noise` fraction of
     each class is drawn with the other class's cup. The same seed gives byte-identical files.
+    The geometry sidecar costs nothing: it records what the renderer drew anyway.
     """
     if n < 1 or not 0 <= positive_rate <= 1 or folders < 1 or size < 32:
         raise ValueError(f"need n >= 1, 0 <= positive_rate <= 1, folders >= 1, size >= 32; "
                          f"got n={n} positive_rate={positive_rate} folders={folders} size={size}")
     out_dir = Path(out_dir)
     labels, looks_positive = _labels(n, positive_rate, label_noise, seed)
-    rows = []
+    rows, discs = [], []
     for index in range(n):
         key = f"TRAIN{index:06d}"
         folder = out_dir / str(index * folders // n)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{key}.jpg").write_bytes(render_jpeg(size, bool(looks_positive[index]), (seed, index)))
+        jpeg, geometry = render(size, bool(looks_positive[index]), (seed, index))
+        (folder / f"{key}.jpg").write_bytes(jpeg)
         rows.append((key, "RG" if labels[index] else "NRG"))
-    labels_csv = out_dir / "labels.csv"
-    with open(labels_csv, "w", newline="") as stream:
+        discs.append(geometry_row(key, geometry))
+    _write_csv(out_dir / GEOMETRY_FILE, GEOMETRY_COLUMNS, discs)
+    return _write_csv(out_dir / "labels.csv", ("challenge_id", "class"), rows)
+
+
+def _write_csv(path: Path, header: tuple[str, ...], rows: list) -> Path:
+    with open(path, "w", newline="") as stream:
         writer = csv.writer(stream, lineterminator="\n")
-        writer.writerow(["challenge_id", "class"])
+        writer.writerow(header)
         writer.writerows(rows)
-    return labels_csv
+    return path
+
+
+def geometry_row(key: str, geometry: Geometry) -> tuple:
+    """The GEOMETRY_COLUMNS of one image, pixel positions rounded to 0.01 px."""
+    return (key, geometry.width, geometry.height, round(geometry.disc[0], 2), round(geometry.disc[1], 2),
+            round(geometry.disc_radius, 2))
+
+
+def read_geometry(path) -> dict[str, dict[str, float]]:
+    """geometry.csv as id -> {width, height, disc_x, disc_y, disc_radius}."""
+    with open(path, newline="") as stream:
+        return {row["id"]: {name: float(row[name]) for name in GEOMETRY_COLUMNS[1:]} for row in csv.DictReader(stream)}
+
+
+def disc_in_crop(disc: dict[str, float], crop_box: list[float]) -> tuple[float, float, float]:
+    """The disc (x, y, radius) in fractions of the side of the square the shard builder cropped and resized.
+
+    `crop_box` is the sample's box in original pixels (the shard's .json); `load_fundus` crops a square of
+    the box's longer side centred on it, so a position maps by one shift and one scale, the same for any size.
+    """
+    left, top, right, bottom = crop_box
+    side = max(right - left, bottom - top)
+    x0, y0 = (left + right - side) / 2, (top + bottom - side) / 2
+    return (disc["disc_x"] - x0) / side, (disc["disc_y"] - y0) / side, disc["disc_radius"] / side
+
+
+def replay_geometry(n: int, positive_rate: float = 0.03, size: int = 512, seed: int = 0,
+                    label_noise: float = 0.03) -> dict[str, Geometry]:
+    """The geometry `generate` drew for a set made with these arguments, without rendering: for a set written
+    before the sidecar existed (the geometry is the renderer's first draws, so it replays exactly)."""
+    _, looks_positive = _labels(n, positive_rate, label_noise, seed)
+    return {f"TRAIN{index:06d}": _geometry(np.random.default_rng((seed, index)), size, bool(looks_positive[index]))
+            for index in range(n)}
 
 
 def render_jpeg(size: int, glaucomatous: bool, seed) -> bytes:
     """One synthetic photograph as JPEG bytes, fully determined by its arguments."""
+    return render(size, glaucomatous, seed)[0]
+
+
+def render(size: int, glaucomatous: bool, seed) -> tuple[bytes, Geometry]:
+    """One synthetic photograph as JPEG bytes, and the geometry it was drawn with."""
     rng = np.random.default_rng(seed)
     geometry = _geometry(rng, size, glaucomatous)
     image = _fundus_background(rng, geometry)
@@ -78,7 +129,7 @@ def render_jpeg(size: int, glaucomatous: bool, seed) -> bytes:
     image = _camera(rng, geometry, image)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, "JPEG", quality=int(rng.integers(88, 96)))
-    return buffer.getvalue()
+    return buffer.getvalue(), geometry
 
 
 def _labels(n: int, positive_rate: float, label_noise: float, seed: int):

@@ -23,6 +23,7 @@ from dist_train import faults
 from dist_train.config import Config, DataConfig, to_dict
 from dist_train.data.augment import Augmenter, Normaliser
 from dist_train.data.manifest import shard_preprocessing, split_counts, verify_against_manifest
+from dist_train.data.preprocess import clahe_plan
 from dist_train.data.stream import (
     Batch,
     Decoder,
@@ -57,6 +58,7 @@ from dist_train.train.engine import build_engine
 from dist_train.train.epoch_stats import EpochStats, EpochSums
 from dist_train.train.health import val_loss_rising
 from dist_train.train.state import Decision, RNGState, Stateful, Stop, StreamState, TrainerState
+from dist_train.train.step_flags import NonFiniteLoss, StepFlags
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ class Trainer:
         self.shard_preprocessing = shard_preprocessing(self.train_urls, cfg.data.manifest)
         self.steps_per_epoch = cfg.train.steps_per_epoch or steps_per_epoch(
             self.train_counts.samples, env.world_size, cfg.train.batch_size, cfg.train.accumulation_steps)
-        self.model = prepare_model(build_model(cfg.model), cfg.model, env.device)
+        self.model = prepare_model(build_model(cfg.model, image_size=cfg.data.image_size), cfg.model, env.device)
         self.unfreeze = UnfreezeSchedule(cfg.unfreeze, self.model)
         self.global_batch = global_batch_size(cfg.train.batch_size, cfg.train.accumulation_steps, env.world_size)
         self.batch_scale = lr_scale(cfg.optim, self.global_batch)
@@ -97,7 +99,7 @@ class Trainer:
         optimizer = build_optimizer(self.model, self.unfreeze, cfg.optim, self.batch_scale)
         negatives = self.train_counts.samples - self.train_counts.positives
         self.loss_fn = build_loss(cfg.loss, self.train_counts.positives, negatives)
-        self.engine = build_engine(self.model, optimizer, cfg, env, self.unfreeze)
+        self.engine = build_engine(self.model, optimizer, cfg, env)
         self.lr_schedule = LRSchedule(self.engine.optimizer, cfg.schedule, cfg.unfreeze.phases,
                                       self.steps_per_epoch, cfg.train.epochs, batch_scale=self.batch_scale)
         mean, std = tuple(self.model.data_config["mean"]), tuple(self.model.data_config["std"])
@@ -123,9 +125,10 @@ class Trainer:
             raise DataError(f"shard verification failed for {len(problems)} shard(s): {problems[0]}")
 
     def _decoders(self, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Decoder]:
-        """On a GPU, workers hand over 8-bit images and the GPU normalises; on a CPU, workers normalise."""
+        """On a GPU, workers hand over 8-bit images and the GPU normalises; on a CPU, workers normalise.
+        CLAHE runs here only for shards built without it (clahe_plan refuses CLAHE twice or on one split)."""
         data = self.cfg.data
-        clahe = (data.clahe_clip_limit, data.clahe_tile_grid) if data.clahe else None
+        clahe = clahe_plan(data, self.train_urls, self.val_urls).in_decoder
         in_workers = self.env.device.type != "cuda"
         train = Decoder(data.image_size, mean, std, clahe, Augmenter(data.augment), normalise=in_workers)
         return {"train": train, "eval": Decoder(data.image_size, mean, std, clahe, None, normalise=in_workers)}
@@ -173,6 +176,7 @@ class Trainer:
         self.engine.module.train()
         self.unfreeze.set_train_mode(self.engine.module)
         batches = self._micro_batches(epoch) if steps > 0 else iter(())
+        flags = StepFlags(self.env, late=self.engine.gates_on_device)
         window_start, window_samples, shown_step = time.monotonic(), 0, self.state.step
         for _ in range(steps):
             self.lr_schedule.step(self._schedule_step(epoch), epoch)
@@ -180,18 +184,22 @@ class Trainer:
             if window is None:
                 break
             loss, samples, non_finite = window
-            preempted = self._check_window(non_finite)
-            self.engine.optimizer_step()
+            preempted = self._apply_update(flags, non_finite)
             self.state.step += 1
             window_samples += samples
+            log_now = self.state.step % self.cfg.train.log_every_steps == 0  # float(loss) waits for the GPU anyway
+            if preempted or log_now or self._checkpoint_may_follow():
+                preempted = self._check_window(flags) or preempted
             if preempted:
                 self._preempt(f"preemption notice: checkpointing at step {self.state.step}")
-            if self.state.step % self.cfg.train.log_every_steps == 0:
+            if log_now:
                 rate = window_samples * self.env.world_size / max(time.monotonic() - window_start, 1e-9)
                 self._log_train(epoch, float(loss), rate)
                 progress.update(self.state.step - shown_step, loss=float(loss), img_s=round(rate, 1))
                 window_start, window_samples, shown_step = time.monotonic(), 0, self.state.step
             self._maybe_checkpoint_mid_epoch()
+        if self._check_window(flags):
+            self._preempt(f"preemption notice: checkpointing at step {self.state.step}")
         if self.state.step > shown_step:
             progress.update(self.state.step - shown_step)
         progress.close()
@@ -236,20 +244,40 @@ class Trainer:
             if batch.keys:
                 yield batch
 
-    def _check_window(self, non_finite: torch.Tensor) -> bool:
-        """One small all-reduce per optimizer step, before the update is applied.
+    def _apply_update(self, flags: StepFlags, non_finite: torch.Tensor) -> bool:
+        """The window's update; True when a flag read here carried a preemption notice.
 
-        A non-finite loss on any rank stops every rank before the bad update reaches the weights; a
-        preemption notice on any rank (SLURM signals may reach only some) makes all checkpoint together
-        once this step is applied.
+        An engine that gates on the device gets its update queued behind "no rank's loss was non-finite
+        at this step or an unread earlier one", and the previous step's flags are read only after it:
+        the host never waits for the step it has just queued. Other engines read this step's flags
+        before its update, so a bad update is never issued."""
+        skip = flags.add(self.state.step + 1, non_finite)
+        if skip is None:
+            preempted = self._check_window(flags)
+            self.engine.optimizer_step()
+            return preempted
+        self.engine.optimizer_step(skip)
+        return self._check_window(flags, keep_last=True)
+
+    def _check_window(self, flags: StepFlags, keep_last: bool = False) -> bool:
+        """Read the unread step flags (see step_flags.py); True on a preemption notice on any rank.
+
+        A non-finite loss on any rank stops every rank. Its update, and any queued after it, were skipped
+        (or never issued), so the weights and the optimizer state are those after the step before it, and
+        `state.step` is set back to say so; the last good and best checkpoints are untouched. A notice
+        (SLURM signals may reach only some ranks) makes all checkpoint together after the current step.
         """
-        flags = torch.stack([non_finite.double(), torch.tensor(float(preemption.requested()), dtype=torch.float64,
-                                                                device=non_finite.device)])
-        bad, preempted = (distributed.all_reduce_sum(self.env, flags) > 0).tolist()
-        if bad:
-            raise TrainingStopped(f"non-finite loss at optimizer step {self.state.step + 1}; the last good and "
-                                  f"best checkpoints are untouched. Lower optim.lr or set optim.grad_clip.")
-        return bool(preempted)
+        try:
+            return flags.settle(keep_last)
+        except NonFiniteLoss as bad:
+            self.state.step = bad.step - 1
+            raise TrainingStopped(f"non-finite loss at optimizer step {bad.step}; the last good and best "
+                                  f"checkpoints are untouched. Lower optim.lr or set optim.grad_clip.") from None
+
+    def _checkpoint_may_follow(self) -> bool:
+        """Whether `_maybe_checkpoint_mid_epoch` may save after this step: no checkpoint holds unread flags."""
+        every = self.cfg.checkpoint.every_steps
+        return every is not None and every > 0 and self.state.step % every == 0
 
     def _schedule_step(self, epoch: int) -> int:
         """How far training has got, in optimizer steps of this run's epoch length.

@@ -27,8 +27,8 @@ from dist_train.config import Config, to_dict
 from dist_train.errors import UserError
 from dist_train.redact import scrub_secrets
 
-BLOCKING_KEYS = frozenset({"model.backbone", "model.head_widths", "model.head_batchnorm", "engine.kind",
-                           "engine.zero_stage", "optim.name"})
+BLOCKING_KEYS = frozenset({"model.backbone", "model.head_widths", "model.head_batchnorm", "model.global_pool",
+                           "engine.kind", "engine.zero_stage", "optim.name"})
 """Changes a checkpoint cannot be loaded into: other tensor names or shapes, another engine layout
 (DCP vs DeepSpeed, ZeRO partitioning), another optimizer's state (SGD's momentum is not Adam's moments)."""
 
@@ -82,7 +82,14 @@ def _blocks(key: str, old: Any, now: Any, new: dict[str, Any]) -> bool:
         return True
     if key == "model.head_dropout":  # one more value adds a Dropout before the logit: later layers renumber
         return not (isinstance(old, list) and isinstance(now, list) and len(old) == len(now))
+    if key == "optim.layer_decay":  # on/off changes the optimizer's groups; another value only their LRs
+        return _is_off(old) != _is_off(now)
     return False
+
+
+def _is_off(value: Any) -> bool:
+    """None, or a key a checkpoint from before the option was added does not have."""
+    return value is None or value is _UNSET
 
 
 def _show(value: Any) -> str:

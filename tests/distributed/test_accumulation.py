@@ -48,7 +48,7 @@ def _train_rank(env, engine_kind: str) -> dict[str, torch.Tensor]:
     cfg = _config(engine_kind, ACCUMULATION)
     model = _model()
     schedule = UnfreezeSchedule(cfg.unfreeze, model)
-    engine = build_engine(model, build_optimizer(model, schedule, cfg.optim), cfg, env, schedule)
+    engine = build_engine(model, build_optimizer(model, schedule, cfg.optim), cfg, env)
     engine.enter_phase(schedule, 0)
     for group in engine.optimizer.param_groups:
         group["lr"] = cfg.optim.lr

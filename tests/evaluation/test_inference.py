@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from eval_runs import TRAINED_RUN, trained_export
 from sklearn.metrics import roc_auc_score
 
 from conftest import write_shards
@@ -70,12 +71,7 @@ def _lines(text: str, start: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def trained_run(synthetic_shards, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("inference")
-    _run("-m", "dist_train.main", "--config", "configs/test_tiny.yaml", "--resume", "none", "--set",
-         f"data.train_shards={synthetic_shards}/train-*.tar", f"data.val_shards={synthetic_shards}/val-*.tar",
-         f"run_root={root}", "train.epochs=2", "eval.tta=hflip", "data.clahe=true")
-    _run("launch/export.py", str(root / "test_tiny"), umask=0o022)
-    return root / "test_tiny"
+    return trained_export(tmp_path_factory, synthetic_shards, "test_tiny", *TRAINED_RUN)
 
 
 @pytest.fixture(scope="session")

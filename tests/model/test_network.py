@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dist_train.config import ModelConfig
+from dist_train.config import ModelConfig, load_config
+from dist_train.config.schema import ConfigError
+from dist_train.errors import UserError
 from dist_train.model.network import (
     build_head,
     build_model,
@@ -21,6 +23,8 @@ from dist_train.model.network import (
     load_for_inference,
     prepare_model,
 )
+
+from run_helpers import REPO
 
 BACKBONE = "test_efficientnet"
 
@@ -241,3 +245,61 @@ def test_head_state_dict_keys_match_a_plain_torch_head():
     assert list(head.state_dict()) == list(plain.state_dict())
     head.load_state_dict(plain.state_dict(), strict=True)
     torch.testing.assert_close(head.eval()(torch.ones(2, 32)), plain.eval()(torch.ones(2, 32)))
+
+
+# ---------------------------------------------------------------- image size, stochastic depth, package value
+
+
+def test_a_vit_is_built_at_the_run_image_size_and_a_cnn_ignores_it():
+    vit = build_model(tiny_cfg(backbone="test_vit"), image_size=48)
+    assert vit.backbone.pos_embed.shape == (1, 1 + (48 // 16) ** 2, 64)
+    assert vit(torch.randn(2, 3, 48, 48)).shape == (2,)
+    cnn = build_model(tiny_cfg(), image_size=48)
+    assert cnn(torch.randn(2, 3, 48, 48)).shape == (2,)
+
+
+def test_load_for_inference_builds_a_vit_at_the_exports_image_size(tmp_path):
+    cfg = tiny_cfg(backbone="test_vit")
+    model = build_model(cfg, image_size=48).eval()
+    weights = tmp_path / "model.safetensors"
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(weights))
+    export_meta_path(weights).write_text(json.dumps(
+        {"model": cfg.__dict__, "preprocess": {"image_size": 48, "mean": [0.5] * 3, "std": [0.5] * 3}}))
+    loaded, _ = load_for_inference(weights)
+    images = torch.randn(2, 3, 48, 48)
+    assert torch.equal(loaded(images), model(images))
+
+
+def test_drop_path_rate_reaches_timms_stochastic_depth():
+    """timm's rule: the rate grows linearly over the blocks, 0 at the first, the configured rate at the last."""
+    blocks = build_model(tiny_cfg(backbone="test_vit", drop_path_rate=0.2), image_size=32).backbone.blocks
+    rates = [block.drop_path1.drop_prob if hasattr(block.drop_path1, "drop_prob") else 0.0 for block in blocks]
+    assert rates == pytest.approx([0.2 * index / (len(blocks) - 1) for index in range(len(blocks))])
+    assert all(isinstance(block.drop_path1, nn.Identity) for block in build_model(tiny_cfg(backbone="test_vit"),
+                                                                                   image_size=32).backbone.blocks)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.drop_path_rate=1.0"], r"model.drop_path_rate: 1.0 is outside \[0.0, 1.0\)"),
+    (["model.pretrained=package:efficientnet-lite0", "model.backbone=resnet18"],
+     "package:efficientnet-lite0 needs model.backbone tf_efficientnet_lite0, not 'resnet18'"),
+])
+def test_model_config_refuses_bad_values_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(REPO / "configs" / "test_tiny.yaml"), overrides)
+
+
+def test_global_pool_avg_gives_a_vit_the_mean_of_its_patch_tokens_through_fc_norm():
+    """RETFound's pooling, computed by hand from the ViT's token features."""
+    cfg = ModelConfig(backbone="vit_tiny_patch16_224", global_pool="avg", head_widths=[], head_dropout=[])
+    backbone = build_model(cfg, image_size=32).backbone.eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = backbone.forward_features(images)
+        expected = backbone.fc_norm(tokens[:, backbone.num_prefix_tokens:].mean(dim=1))
+        assert torch.allclose(backbone(images), expected, atol=1e-6)
+
+
+def test_a_pooling_the_backbone_does_not_offer_is_one_line():
+    with pytest.raises(UserError, match=r"^model.global_pool: 'token' is not a pooling .*resnet10t"):
+        build_model(ModelConfig(backbone="resnet10t", global_pool="token", head_widths=[8], head_dropout=[0.0]))

@@ -165,19 +165,6 @@ def test_frozen_batchnorm_statistics_untouched_in_training_mode(frozen_bn_eval):
         assert unchanged == frozen_bn_eval and module.training != frozen_bn_eval, name
 
 
-def test_grad_gates_for_engines_that_keep_every_parameter_trainable():
-    model = tiny_model()
-    schedule = UnfreezeSchedule(unfreeze_cfg((0, "head")), model)
-    schedule.apply(model, 0, set_requires_grad=False)
-    assert all(param.requires_grad for param in model.parameters())
-    handles = schedule.install_grad_gate(model)
-    model(torch.randn(4, 3, 32, 32)).sum().backward()
-    assert not any(param.grad.any() for param in model.backbone.parameters())
-    assert model.head[0].weight.grad.any()
-    for handle in handles:
-        handle.remove()
-
-
 # ---------------------------------------------------------------- optimizer groups
 
 
@@ -353,3 +340,23 @@ def test_resume_on_another_world_size_scales_by_the_new_global_batch():
     LRSchedule(resumed, ScheduleConfig(), PHASES[:1], 5, 1, batch_scale=lr_scale(optim_cfg, 128)).step(0, 0)
     head_lrs = [group["lr"] for group in resumed.param_groups if group["phase"] == 0]
     assert head_lrs == pytest.approx([4e-4, 4e-4])
+
+
+# ---------------------------------------------------------------- ViTs unfreeze by transformer blocks
+
+
+@pytest.mark.parametrize(("backbone", "final_norm"), [("test_vit", "norm"), ("test_vit2", "fc_norm")])
+def test_last_n_blocks_of_a_vit_are_its_last_transformer_blocks_and_final_norm(backbone, final_norm):
+    """test_vit pools the cls token after `norm`; test_vit2 averages and normalises with `fc_norm`
+    (RETFound's fine-tuning layout), which timm's group_matcher names in no block."""
+    model = tiny_model(backbone)
+    depth = len(model.backbone.blocks)
+    names = [name for name, _ in model.named_parameters()]
+    head = {name for name in names if name.startswith("head.")}
+    for count in (1, 2):
+        last = tuple(f"backbone.blocks.{index}." for index in range(depth - count, depth))
+        expected = head | {name for name in names if name.startswith(last + (f"backbone.{final_norm}.",))}
+        assert trainable_names(model, f"last_{count}_blocks") == expected
+    embeddings = {"backbone.pos_embed", "backbone.patch_embed.proj.weight"}
+    assert embeddings <= trainable_names(model, f"last_{depth + 1}_blocks")
+    assert not embeddings & trainable_names(model, f"last_{depth}_blocks")

@@ -91,3 +91,74 @@ def test_cli_writes_the_set_and_rejects_bad_arguments(tmp_path, capsys):
     assert len(read_rows(tmp_path / "labels.csv")) == 5 and len(list((tmp_path / "0").glob("*.jpg"))) == 4
     assert cli.main(["--out", str(tmp_path / "x"), "--n", "0"]) == 2
     assert capsys.readouterr().err.startswith("error:")
+
+
+# ---------------------------------------------------------------- the disc geometry sidecar
+
+
+BEFORE_THE_SIDECAR = {
+    "0/TRAIN000000.jpg": "b52d0fd8ed981a29dca45dcbc5713db5a3f3040f2c642d62bd7d9d74db43a95d",
+    "1/TRAIN000005.jpg": "31008a5ac071c842ab4b222377b873041b40ae132343a572f0788824f4372078",
+}
+"""sha256 of two images written by the generator before it wrote geometry.csv (same arguments as below)."""
+
+
+def pale_centroid(rgb: np.ndarray) -> tuple[float, float]:
+    """Centre (x, y) of the cup's pale pixels: an estimate of the disc centre read from the pixels alone."""
+    ys, xs = np.nonzero(rgb[..., 2].astype(int) > 120)
+    return float(xs.mean()), float(ys.mean())
+
+
+def test_the_sidecar_leaves_the_jpegs_byte_identical(tmp_path):
+    generate(tmp_path, 6, positive_rate=0.5, size=64, seed=4, folders=2)
+    digests = tree_digest(tmp_path)
+    assert {name: digests[name] for name in BEFORE_THE_SIDECAR} == BEFORE_THE_SIDECAR
+    assert (tmp_path / "geometry.csv").is_file()
+
+
+def test_geometry_names_each_disc_where_its_pixels_are(balanced_set):
+    import math
+
+    from dist_train.shards.synthetic import read_geometry
+
+    geometry = read_geometry(balanced_set.parent / "geometry.csv")
+    assert sorted(geometry) == [row[0] for row in read_rows(balanced_set)[1:]]
+    for key, disc in geometry.items():
+        with Image.open(balanced_set.parent / "0" / f"{key}.jpg") as image:
+            assert image.size == (disc["width"], disc["height"])
+            x, y = pale_centroid(np.asarray(image.convert("RGB")))
+        assert math.hypot(x - disc["disc_x"], y - disc["disc_y"]) < 0.5 * disc["disc_radius"], key
+
+
+def test_replayed_geometry_equals_the_sidecar(balanced_set):
+    from dist_train.shards.synthetic import read_geometry, replay_geometry
+
+    written = read_geometry(balanced_set.parent / "geometry.csv")
+    replayed = replay_geometry(80, positive_rate=0.5, size=128, seed=11)
+    for key, disc in written.items():
+        again = replayed[key]
+        assert (again.width, again.height) == (disc["width"], disc["height"])
+        assert (again.disc[0], again.disc[1], again.disc_radius) == pytest.approx(
+            (disc["disc_x"], disc["disc_y"], disc["disc_radius"]), abs=0.006)
+
+
+def test_disc_in_crop_follows_the_shard_builders_crop_and_resize(synthetic_shards):
+    import io
+    import json
+    import math
+
+    from dist_train.data.stream import iterate_shard
+    from dist_train.shards.synthetic import disc_in_crop, read_geometry
+
+    geometry = read_geometry(synthetic_shards.parent / "images" / "geometry.csv")
+    checked = 0
+    for shard in sorted(synthetic_shards.glob("val-*.tar")):
+        for sample in iterate_shard(str(shard)):
+            meta = json.loads(sample["json"])
+            x, y, radius = disc_in_crop(geometry[sample["__key__"]], meta["crop_box"])
+            with Image.open(io.BytesIO(sample["jpg"])) as image:
+                side = image.width
+                cx, cy = pale_centroid(np.asarray(image.convert("RGB")))
+            assert math.hypot(cx / side - x, cy / side - y) < 0.5 * radius, sample["__key__"]
+            checked += 1
+    assert checked >= 30

@@ -60,6 +60,7 @@ def test_an_identical_config_has_no_changes(saved):
     ("engine__kind", "deepspeed", "engine.kind: ddp -> deepspeed"),
     ("engine__zero_stage", 2, "engine.zero_stage: 0 -> 2"),
     ("optim__name", "sgd", "optim.name: adamw -> sgd"),
+    ("model__global_pool", "avg", "model.global_pool: null -> avg"),
 ])
 def test_a_change_the_checkpoint_cannot_load_blocks(saved, key, value, expected):
     assert config_changes(saved, changed(saved, **{key: value})) == ([expected], [])
@@ -85,6 +86,18 @@ def test_another_unfreeze_split_blocks_but_a_phase_lr_does_not(saved):
     new_lr = [{**saved["unfreeze"]["phases"][0], "lr": 0.01}]
     assert config_changes(saved, changed(saved, unfreeze__phases=new_lr)) == \
         ([], ["unfreeze.phases[0].lr: null -> 0.01"])
+
+
+def test_layer_decay_on_or_off_blocks_but_another_value_does_not(saved):
+    """On/off changes the optimizer's groups (DCP then dies on "Missing key ... param_groups.2.lr")."""
+    decayed = changed(saved, optim__layer_decay=0.65)
+    assert config_changes(saved, decayed) == (["optim.layer_decay: null -> 0.65"], [])
+    assert config_changes(decayed, saved) == (["optim.layer_decay: 0.65 -> null"], [])
+    assert config_changes(decayed, changed(saved, optim__layer_decay=0.75)) == \
+        ([], ["optim.layer_decay: 0.65 -> 0.75"])
+    before_the_option = copy.deepcopy(saved)
+    del before_the_option["optim"]["layer_decay"]
+    assert config_changes(before_the_option, saved) == ([], ["optim.layer_decay: (unset) -> null"])
 
 
 def test_compile_never_blocks(saved):

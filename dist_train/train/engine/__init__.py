@@ -23,6 +23,8 @@ class Engine(Protocol):
     module: nn.Module
     """The plain model (not the DDP/DeepSpeed wrapper): evaluation and export use it."""
     optimizer: torch.optim.Optimizer
+    gates_on_device: bool
+    """Whether `optimizer_step(skip)` can skip a step on the device; if not, the loop reads the flags first."""
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
                          sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,8 +33,11 @@ class Engine(Protocol):
         Returns the detached (logits, unscaled loss)."""
         ...
 
-    def optimizer_step(self) -> None:
-        """Apply the accumulated gradients (after the window's last `forward_backward`)."""
+    def optimizer_step(self, skip: torch.Tensor | None = None) -> None:
+        """Apply the accumulated gradients (after the window's last `forward_backward`).
+
+        `skip`, a bool tensor on the device (only when `gates_on_device`): where true, the step changes
+        neither the weights nor the optimizer state, and the host does not wait to find out."""
         ...
 
     def enter_phase(self, schedule: UnfreezeSchedule, phase: int) -> dict[str, Any]:
@@ -71,12 +76,11 @@ def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextMan
     return torch.autocast("cuda", dtype=dtype)
 
 
-def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv,
-                 schedule: UnfreezeSchedule) -> Engine:
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv) -> Engine:
     if cfg.engine.kind == "deepspeed":
         from dist_train.train.engine.zero import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, optimizer, cfg, env, schedule)
+        return DeepSpeedEngine(model, optimizer, cfg, env)
     from dist_train.train.engine.ddp import DDPEngine
 
     return DDPEngine(model, optimizer, cfg, env)

@@ -3,6 +3,10 @@
 Unfreezing keeps one optimizer for the run (see dist_train/model/unfreeze.py). A frozen parameter has
 requires_grad=False, so its grad stays None and the optimizer skips it; the DDP wrapper is rebuilt at
 a phase change because its reducer registers only the parameters that train when it is built.
+
+The optimizer runs on torch's fused kernels (engine/gate.py), so a step can be skipped on the device
+and the loop need not wait for the GPU to learn whether a loss was finite; fp16's GradScaler already
+owns `found_inf`, so fp16 runs keep the host check (`gates_on_device` False).
 """
 
 from __future__ import annotations
@@ -18,17 +22,18 @@ from dist_train.config import Config
 from dist_train.model.unfreeze import UnfreezeSchedule
 from dist_train.train import sharded
 from dist_train.train.distributed import DistEnv
-from dist_train.train.engine import autocast
+from dist_train.train.engine import autocast, gate
 
 
 class DDPEngine:
     kind = "ddp"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv):
-        self.module, self.optimizer, self.cfg, self.env = model, optimizer, cfg, env
+        self.module, self.optimizer, self.cfg, self.env = model, gate.fused_twin(optimizer), cfg, env
         self.accumulation = cfg.train.accumulation_steps
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16"
                                            and env.device.type == "cuda")
+        self.gates_on_device = gate.can_skip_on_device(self.optimizer) and not self.scaler.is_enabled()
         self.wrapped = self._wrap()
 
     def _wrap(self) -> nn.Module:
@@ -45,7 +50,7 @@ class DDPEngine:
         return cast(nn.Module, torch.compile(wrapped)) if self.cfg.model.compile else wrapped
 
     def enter_phase(self, schedule: UnfreezeSchedule, phase: int) -> dict[str, Any]:
-        info = schedule.apply(self.module, phase, set_requires_grad=True)
+        info = schedule.apply(self.module, phase)
         self.wrapped = self._wrap()
         return info
 
@@ -63,12 +68,17 @@ class DDPEngine:
             self.scaler.scale(loss / self.accumulation).backward()
         return logits.detach(), loss.detach()
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, skip: torch.Tensor | None = None) -> None:
         if self.cfg.optim.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             params = [p for p in self.module.parameters() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
-        self.scaler.step(self.optimizer)
+        if skip is None:
+            self.scaler.step(self.optimizer)
+        elif self.gates_on_device:
+            gate.step_unless(self.optimizer, skip)
+        else:
+            raise RuntimeError("this DDP engine cannot skip a step on the device; check the flags first")
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 

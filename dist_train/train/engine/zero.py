@@ -1,10 +1,22 @@
-"""DeepSpeed ZeRO 0/1/2, with frozen parameters gated instead of unregistered.
+"""DeepSpeed ZeRO 0/1/2, with frozen parameters registered at initialisation and frozen afterwards.
 
 DeepSpeed flattens (ZeRO >= 1) and partitions only the parameters it sees at initialisation, so every
-parameter is registered and stays `requires_grad`; a frozen one is gated: a gradient hook multiplies
-its gradient by zero and its group's LR is zero. Its Adam state still advances while gated, so when a
-phase starts training a group, that group's optimizer state is reset: its first updates then carry
-Adam's bias correction exactly as under DDP, where the state is only created at the first real step.
+parameter is `requires_grad` then; each phase afterwards sets `requires_grad` on exactly the parameters
+it trains, as DDP does, so autograd never runs the frozen backbone's backward (a head-only phase costs
+what it costs under DDP). DeepSpeed hands a parameter that got no gradient a zero one, and its group's
+LR is zero. Its Adam state still advances on those zeros, so when a phase starts training a group,
+that group's optimizer state is reset: its first updates then carry Adam's bias correction exactly as
+under DDP, where the state is only created at the first real step.
+
+channels_last: DeepSpeed's initial broadcast views every parameter as bytes, which a channels_last
+weight refuses, so it is initialised on contiguous weights. ZeRO-0 keeps the module's parameters and
+gets channels_last weights back; ZeRO 1-2 rebind them to views of their flat buffers, which can only be
+contiguous, so there the inputs are made channels_last: a convolution with a channels_last input runs
+in channels_last (cuDNN and oneDNN pick the layout if either operand has it), activations included, at
+the cost of converting each conv weight (and its gradient) once per pass, small next to activations.
+
+The flags of a step are read on the host before its update (`gates_on_device` False): ZeRO 1-2 read the
+gradient norm on the host inside `step()` anyway (DeepSpeed's overflow check).
 
 Precision is DeepSpeed's: its torch_autocast section (generated from train.precision in zero_config.py)
 autocasts the forward inside the engine, so nothing here wraps it again.
@@ -42,23 +54,34 @@ MODEL_STATES = "mp_rank_00_model_states.pt"
 class DeepSpeedEngine:
     kind = "deepspeed"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv,
-                 schedule: UnfreezeSchedule):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, env: DistEnv):
         config = deepspeed_config(cfg, env)  # refuses a contradicting user file before anything changes
         import deepspeed
 
         self.cfg, self.env, self.module = cfg, env, model
         for param in model.parameters():
             param.requires_grad_(True)
-        schedule.install_grad_gate(model)
+        if cfg.model.channels_last:
+            model.to(memory_format=torch.contiguous_format)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, dist_init_required=False)
+        if cfg.model.channels_last:
+            self._restore_channels_last()
         if cfg.model.compile:  # DeepSpeed's own compile keeps the module, and the keys it saves, plain
             self.engine.compile()
 
+    gates_on_device = False
+
+    def _restore_channels_last(self) -> None:
+        """ZeRO-0: the module's own parameters back in channels_last; ZeRO 1-2: channels_last inputs."""
+        if self.cfg.engine.zero_stage == 0:
+            self.module.to(memory_format=torch.channels_last)
+        else:
+            self.module.register_forward_pre_hook(_channels_last_input)
+
     def enter_phase(self, schedule: UnfreezeSchedule, phase: int) -> dict[str, Any]:
-        """Parameters stay registered (the gate reads the schedule's phase); the groups it starts restart Adam."""
-        info = schedule.apply(self.module, phase, set_requires_grad=False)
+        """Only the phase's parameters require gradients (all stay registered); the groups it starts restart Adam."""
+        info = schedule.apply(self.module, phase)
         self._reset_state_of_phase(phase)
         return info
 
@@ -89,7 +112,9 @@ class DeepSpeedEngine:
             self.engine.step()
         return logits.detach(), loss.detach()
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, skip: torch.Tensor | None = None) -> None:
+        if skip is not None:
+            raise RuntimeError("DeepSpeed cannot skip a step on the device; the loop reads the flags first")
         self.engine.step()
 
     def sync_buffers(self) -> None:
@@ -124,6 +149,12 @@ class DeepSpeedEngine:
         scaler = compat.deepspeed_grad_scaler(self.engine)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+
+
+def _channels_last_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook: the image batch in channels_last (see the module docstring)."""
+    images, *rest = args
+    return (images.contiguous(memory_format=torch.channels_last), *rest)
 
 
 def _load_buffers(module: nn.Module, tag_folder: Path) -> None:
