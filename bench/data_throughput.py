@@ -1,139 +1,192 @@
-"""Images/s delivered to the training loop at 512 px with the v2 augmentation, beside the alternatives.
+"""Images/s delivered to the training loop with a recipe's augmentation, beside its per-core ceiling and ImageFolder.
 
-    python bench/data_throughput.py [--n 300] [--raw-size 700] [--size 512] [--workers 2] [--batch-size 32]
-                                    [--repeats 3] [--workdir DIR]
+    python bench/data_throughput.py [--size 384] [--augment v3] [--clahe build] [--n 300] [--raw-size 700]
+                                    [--workers 2] [--batch-size 32] [--repeats 3] [--workdir DIR] [--no-record]
 
 Makes (or reuses, under --workdir) --n synthetic fundus photographs of about --raw-size px, builds
 WebDataset shards of them at --size px (shards/build.py's preprocessing), and extracts the very same
-shard JPEGs as individual files in an ImageFolder layout. Then, in interleaved rounds (the best of
+shard JPEGs as individual files in an ImageFolder layout. The augmentation is the `data.augment` section
+of configs/airogs_<--augment>.yaml (v3, the recommended recipe: rotation 15, zoom 0.1, brightness 0.8-1.2,
+horizontal and vertical flips; v2: rotation 15, shift 0.1, brightness, hflip). A recipe with CLAHE (v3)
+has it either in the shards (`--clahe build`, shards/build.py --clahe, the README's advice: the files
+hold the CLAHE pixels, no epoch pays for it) or applied to every sample (`--clahe epoch`: raw shards,
+CLAHE in our Decoder and in the torchvision transforms). Then, in interleaved rounds (the best of
 --repeats counts, since the machine is shared), one epoch of each:
 
-  (a) ours:        TrainStream + make_loader (dist_train/data/stream.py), --workers workers, v2 augmentation
-                   (rotation 15, shift 0.1, brightness 0.8-1.2, hflip). Its Decoder decodes, augments the
-                   8-bit PIL image (Augmenter: PIL affine, enhancers, flips) and converts once with
-                   to_normalised_tensor, so each worker stacks and ships normalised float32 batches;
-  (b) torchvision: ImageFolder + DataLoader, same workers and batch size, the idiomatic v2 transforms
-                   (RandomAffine, ColorJitter brightness, RandomHorizontalFlip on a uint8 tensor, then
-                   ToDtype, Normalize);
+  (a) ours:        TrainStream + make_loader (dist_train/data/stream.py), --workers workers: shard read,
+                   decode, CLAHE (epoch), the Augmenter on the 8-bit PIL image, to_normalised_tensor, a
+                   float32 batch stacked in the worker and handed to the main process;
+  (b) torchvision: ImageFolder + DataLoader, same workers and batch size, the idiomatic transforms of the
+                   same recipe (RandomAffine, ColorJitter brightness, flips on a uint8 tensor, ToDtype,
+                   Normalize; CLAHE first with --clahe epoch);
   (c) decode-only: the same files decoded to RGB pixels by --workers DataLoader workers, nothing
-                   returned: the limit a JPEG pipeline cannot exceed on these cores;
+                   returned: what JPEG decoding alone allows on these cores (for reference);
   (a') uint8 batches, normalised on the device: the product's TrainStream + make_loader, its decode and
-                   its Augmenter unchanged, but the decoder stops at the augmented uint8 pixels, so the
-                   workers stack and ship uint8 batches (4x fewer bytes between processes) and the
-                   normalisation is left to the device (a fraction of a millisecond per batch on a GPU;
-                   on this CPU it would cost the main process the "normalise a uint8 batch" line of the
-                   breakdown, which the rate here does not include).
+                   Augmenter unchanged, but the decoder stops at the augmented uint8 pixels, so the workers
+                   stack and ship uint8 batches (what GPU runs do: the device normalises; not included here).
 
-Prints the rates, the ratios (a)/(b) (target >= 1.5) and (a)/(c) (target >= 0.85), and a cost breakdown
-in one thread of the stages the product's workers still run: per image the decode, the PIL Augmenter
-(its nearest affine beside the optional bilinear one, and the brightness enhancer) and to_normalised_tensor; per
-batch of 32 the torch.stack of a float batch and its move to shared memory (what a worker pays to hand a
-batch to the main process), beside the same for a uint8 batch and the cost of normalising a uint8 batch
-on this CPU. From these it says what bounds the pipeline. Appends a dated row to bench/RESULTS.md.
+The per-core ceiling of (a) is min(workers, cores) x 1 / (its per-image CPU work), the work measured in one
+thread: our whole-sample Decoder plus its share of stacking the float batch and moving it to shared memory
+(what a worker pays to hand a batch over); likewise for (a') with the uint8 decoder and batch. Prints the
+rates, (a)/ceiling (target >= 0.85) and (a)/(b) (target >= 1.5), the same for (a'), and a per-stage cost
+breakdown in one thread (decode, CLAHE, Augmenter and its affine, to_normalised_tensor; per batch of 32
+the stacks, their shared-memory moves, and a float batch stacked straight into shared memory as torch's
+default_collate does in a worker). From these it says what bounds the pipeline. Appends a dated row to
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as F
-from common import append_row, load_average, verdict
+from common import ROOT, append_row, load_average, verdict
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
-from dist_train.config import AugmentConfig, DataConfig
+from dist_train.config import AugmentConfig, DataConfig, load_config
 from dist_train.data.augment import Augmenter, to_normalised_tensor
+from dist_train.data.preprocess import Clahe
 from dist_train.data.stream import Decoder, TrainStream, make_loader, shard_urls
+from dist_train.data.transforms import apply_clahe
 from dist_train.shards.build import BuildOptions, build
 from dist_train.shards.synthetic import generate
 
-V2_AUGMENT = AugmentConfig(rotation_deg=15, shift=0.1, brightness=[0.8, 1.2], hflip=True)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 """efficientnet_b0's normalisation (timm resolves ImageNet's)."""
-UINT8 = "uint8 decoder, whole sample (a')"
+BATCH = 32
+"""Images per batch in the per-batch stage costs."""
+DECODER, UINT8 = "Decoder (ours, whole sample)", "uint8 decoder, whole sample (a')"
+FLOAT_SHM, UINT8_SHM = "stack float + move to shared memory (batch)", "stack uint8 + move to shared memory (batch)"
+AFFINE = "  F.affine PIL, nearest (the recipes' default)"
+SHARED = "stack float into shared memory, default_collate's way (batch)"
+INTO = "uint8 images normalised into a shared float batch (batch)"
+
+
+class Recipe:
+    """What a recipe makes the input pipeline do: its augmentation, and CLAHE in the shards or per sample."""
+
+    def __init__(self, name: str, clahe_at: str):
+        data = load_config(str(ROOT / "configs" / f"airogs_{name}.yaml"), []).data
+        self.name, self.augment = name, data.augment
+        clahe = Clahe(data.clahe_clip_limit, data.clahe_tile_grid) if data.clahe else None
+        self.build_clahe = clahe if clahe_at == "build" else None
+        self.epoch_clahe = clahe if clahe_at == "epoch" else None
+        self.clahe_text = f"CLAHE {clahe} at {clahe_at}" if clahe else "no CLAHE"
+
+    def decoder(self, size: int, normalise: bool = True) -> Decoder:
+        return Decoder(size, MEAN, STD, self.epoch_clahe, Augmenter(self.augment), normalise=normalise)
+
+    def describe(self) -> str:
+        a = self.augment
+        parts = [f"rotation {a.rotation_deg:g}", f"shift {a.shift:g}" if a.shift else "",
+                 f"zoom {a.scale:g}" if a.scale else "", f"brightness {a.brightness[0]:g}-{a.brightness[1]:g}",
+                 "hflip" if a.hflip else "", "vflip" if a.vflip else "", f"{a.interpolation} affine"]
+        return f"{self.name} augmentation ({', '.join(p for p in parts if p)}), {self.clahe_text}"
 
 
 # ---------------------------------------------------------------- data
 
 
-def ensure_data(workdir: Path, n: int, raw_size: int, size: int) -> tuple[Path, Path]:
+def ensure_data(workdir: Path, args, recipe: Recipe) -> tuple[Path, Path]:
     """(shard folder, ImageFolder root holding the shards' own JPEG bytes as files)."""
-    images = workdir / f"fundus-n{n}-s{raw_size}"
-    shards = workdir / f"shards-n{n}-s{raw_size}-{size}"
-    files = workdir / f"files-n{n}-s{raw_size}-{size}"
+    images = workdir / f"fundus-n{args.n}-s{args.raw_size}"
+    tag = f"n{args.n}-s{args.raw_size}-{args.size}" + ("-clahe" if recipe.build_clahe else "")
+    shards, files = workdir / f"shards-{tag}", workdir / f"files-{tag}"
     if not (images / "labels.csv").exists():
         started = time.perf_counter()
-        generate(images, n, positive_rate=0.2, size=raw_size, seed=0)
-        print(f"generated {n} images of ~{raw_size} px in {time.perf_counter() - started:.0f} s")
+        generate(images, args.n, positive_rate=0.2, size=args.raw_size, seed=0)
+        print(f"generated {args.n} images of ~{args.raw_size} px in {time.perf_counter() - started:.0f} s")
     if not (shards / "manifest.json").exists():
         shutil.rmtree(files, ignore_errors=True)
-        report = build([images], images / "labels.csv", shards,
-                       BuildOptions(size=size, shard_size=max(1, n // 6), workers=2, val_fraction=0.0))
-        print(f"built shards at {size} px in {report.seconds:.0f} s")
+        options = BuildOptions(size=args.size, shard_size=max(1, args.n // 6), workers=2, val_fraction=0.0,
+                               clahe=recipe.build_clahe)
+        report = build([images], images / "labels.csv", shards, options)
+        print(f"built shards at {args.size} px in {report.seconds:.0f} s")
     if not files.exists():
-        staging = files.with_name(files.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        for url in shard_urls(str(shards / "train-*.tar")):
-            with tarfile.open(url) as tar:
-                members = {m.name: m for m in tar.getmembers()}
-                for name in members:
-                    if name.endswith(".jpg"):
-                        key = name[: -len(".jpg")]
-                        label = tar.extractfile(members[key + ".cls"]).read().decode().strip()
-                        (staging / label).mkdir(parents=True, exist_ok=True)
-                        (staging / label / name).write_bytes(tar.extractfile(members[name]).read())
-        staging.rename(files)
+        extract_files(shards, files)
     return shards, files
+
+
+def extract_files(shards: Path, files: Path) -> None:
+    """The shards' JPEGs as <label>/<key>.jpg: ImageFolder reads the very bytes our stream decodes."""
+    staging = files.with_name(files.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    for url in shard_urls(str(shards / "train-*.tar")):
+        with tarfile.open(url) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name in members:
+                if name.endswith(".jpg"):
+                    key = name[: -len(".jpg")]
+                    label = tar.extractfile(members[key + ".cls"]).read().decode().strip()
+                    (staging / label).mkdir(parents=True, exist_ok=True)
+                    (staging / label / name).write_bytes(tar.extractfile(members[name]).read())
+    staging.rename(files)
 
 
 # ---------------------------------------------------------------- the pipelines
 
 
-def epoch_rate(loader, normalise_batch=None) -> float:
-    """Images/s over one epoch, worker start-up included (the loop restarts workers every epoch)."""
+def epoch_rates(loader, workers: int) -> tuple[float, float]:
+    """Images/s over one epoch, worker start-up included (the loop restarts workers every epoch), and once
+    every worker has delivered its first batch: the steady state that a long epoch approaches and the
+    per-core ceiling describes (a 300-image epoch is 9 batches, of which start-up is a large part)."""
     started = time.perf_counter()
-    images = 0
+    arrivals, sizes = [], []
     for batch in loader:
-        pixels = batch.images if hasattr(batch, "images") else batch[0]
-        if normalise_batch is not None:
-            pixels = normalise_batch(pixels)
-        images += len(pixels)
-    return images / (time.perf_counter() - started)
+        sizes.append(len(batch.images if hasattr(batch, "images") else batch[0]))
+        arrivals.append(time.perf_counter())
+    warm = min(max(workers, 1), len(arrivals) - 1)
+    steady = sum(sizes[warm:]) / (arrivals[-1] - arrivals[warm - 1]) if warm > 0 else float("nan")
+    return sum(sizes) / (arrivals[-1] - started), steady
 
 
-def ours_loader(shards: Path, args, epoch: int, decoder) -> DataLoader:
+def ours_loader(shards: Path, args, epoch: int, decoder: Decoder, augment: AugmentConfig) -> DataLoader:
     cfg = DataConfig(train_shards=str(shards / "train-*.tar"), image_size=args.size, workers=args.workers,
-                     augment=V2_AUGMENT)
-    urls = shard_urls(cfg.train_shards)
-    micro_batches = args.n // args.batch_size
-    stream = TrainStream(urls, cfg, decoder, args.batch_size, rank=0, world_size=1, seed=0, epoch=epoch,
-                         micro_batches=micro_batches, workers=args.workers)
+                     augment=augment)
+    stream = TrainStream(shard_urls(cfg.train_shards), cfg, decoder, args.batch_size, rank=0, world_size=1, seed=0,
+                         epoch=epoch, micro_batches=args.n // args.batch_size, workers=args.workers)
     return make_loader(stream, cfg, pin_memory=False)
 
 
-def torchvision_transform(size: int) -> T.Compose:
-    return T.Compose([
-        T.PILToTensor(),
-        T.RandomAffine(degrees=15, translate=(0.1, 0.1)),
-        T.ColorJitter(brightness=(0.8, 1.2)),
-        T.RandomHorizontalFlip(),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(MEAN, STD),
-    ])
+class PilClahe:
+    """CLAHE on a PIL image with the product's apply_clahe: (b)'s counterpart of the Decoder's per-sample CLAHE."""
+
+    def __init__(self, clahe: Clahe):
+        self.clahe = clahe
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return Image.fromarray(apply_clahe(np.asarray(image), self.clahe.clip_limit, self.clahe.tile_grid))
 
 
-def torchvision_loader(files: Path, args) -> DataLoader:
-    dataset = ImageFolder(str(files), transform=torchvision_transform(args.size))
+def torchvision_transform(recipe: Recipe) -> T.Compose:
+    """The recipe's augmentation as one would write it with torchvision's v2 transforms."""
+    a = recipe.augment
+    steps: list[Callable] = [PilClahe(recipe.epoch_clahe)] if recipe.epoch_clahe else []
+    steps += [T.PILToTensor(),
+              T.RandomAffine(degrees=a.rotation_deg, translate=(a.shift, a.shift) if a.shift else None,
+                             scale=(1 - a.scale, 1 + a.scale) if a.scale else None),
+              T.ColorJitter(brightness=tuple(a.brightness))]
+    steps += [T.RandomHorizontalFlip()] if a.hflip else []
+    steps += [T.RandomVerticalFlip()] if a.vflip else []
+    return T.Compose(steps + [T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)])
+
+
+def torchvision_loader(files: Path, args, recipe: Recipe) -> DataLoader:
+    dataset = ImageFolder(str(files), transform=torchvision_transform(recipe))
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                       drop_last=True, prefetch_factor=2)
 
@@ -159,147 +212,231 @@ def decode_only_rate(files: Path, args) -> float:
     return images / (time.perf_counter() - started)
 
 
-def normalise_uint8(batch: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
-    return (batch.float() - mean) / std
+def measure_rates(shards: Path, files: Path, args, recipe: Recipe) -> tuple[dict[str, float], list[float]]:
+    """Best images/s of each pipeline over interleaved rounds ("<key> steady": after start-up), and the loads seen."""
+    ours, uint8 = recipe.decoder(args.size), recipe.decoder(args.size, normalise=False)
+    loads = [load_average()]
+    rates: dict[str, list[float]] = {}
+    for round_index in range(args.repeats):
+        found = {"a": epoch_rates(ours_loader(shards, args, round_index, ours, recipe.augment), args.workers),
+                 "b": epoch_rates(torchvision_loader(files, args, recipe), args.workers),
+                 "c": (decode_only_rate(files, args), float("nan")),
+                 "u8": epoch_rates(ours_loader(shards, args, round_index, uint8, recipe.augment), args.workers)}
+        for key, (epoch, steady) in found.items():
+            rates.setdefault(key, []).append(epoch)
+            rates.setdefault(f"{key} steady", []).append(steady)
+        loads.append(load_average())
+        print(f"round {round_index + 1} (per epoch / steady): "
+              + ", ".join(f"{key} {epoch:.1f} / {steady:.1f}" for key, (epoch, steady) in found.items())
+              + " img/s", flush=True)
+    return {key: max(values) for key, values in rates.items() if key != "c steady"}, loads
 
 
 # ---------------------------------------------------------------- per-stage costs, one thread
 
 
-def stage_costs(files: Path, size: int, count: int = 24) -> dict[str, float]:
-    """Milliseconds per image of each stage, best of 3, in this process with one thread.
+def shared_batch(like: torch.Tensor, count: int) -> torch.Tensor:
+    """An uninitialised batch of `count` tensors like `like`, in shared memory (how default_collate allocates)."""
+    storage = like._typed_storage()._new_shared(like.numel() * count, device=like.device)
+    return like.new(storage).resize_(count, *like.shape)
 
-    "(batch)" stages are timed once per 32 images and reported per batch.
-    """
-    torch.set_num_threads(1)
+
+def stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack straight into shared memory, as torch's default_collate does in a worker: one copy, not two."""
+    return torch.stack(tensors, out=shared_batch(tensors[0], len(tensors)))
+
+
+def normalise_into_shared(uint8s: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Candidate hand-over: each augmented uint8 image converted into its slot of a shared float batch, the
+    batch then normalised in place, so no per-image float tensor is made and nothing is stacked or moved."""
+    out = shared_batch(like, len(uint8s))
+    for index, image in enumerate(uint8s):
+        out[index].copy_(image)
+    offset = torch.tensor([255.0 * m for m in MEAN]).view(3, 1, 1)
+    scale = torch.tensor([255.0 * s for s in STD]).view(3, 1, 1)
+    return out.sub_(offset).div_(scale)
+
+
+def stage_functions(files: Path, size: int, recipe: Recipe, count: int) -> dict[str, Callable[[int], object]]:
+    """Each stage the workers run, as a function of the sample index; '(batch)' ones act once per batch."""
     blobs = [p.read_bytes() for p in sorted(files.glob("*/*.jpg"))[:count]]
     pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
     pixels = [np.asarray(p) for p in pil]
-    uint8 = [torch.from_numpy(p.copy()).permute(2, 0, 1) for p in pixels]
-    augmenter = Augmenter(V2_AUGMENT)
-    translate = [int(0.05 * size), int(-0.03 * size)]
-    ours = Decoder(size, MEAN, STD, None, augmenter)
-    uint8_decoder = Decoder(size, MEAN, STD, None, augmenter, normalise=False)
-    tv = torchvision_transform(size)
-    float_batch = torch.stack([to_normalised_tensor(p, MEAN, STD) for p in pixels[:1]] * 32)
-    uint8_batch = torch.stack(uint8[:1] * 32)
-    stages = {
+    augmenter, a = Augmenter(recipe.augment), recipe.augment
+    affine = {"angle": 7.0, "translate": [int(0.05 * size), int(-0.03 * size)] if a.shift else [0, 0],
+              "scale": 1.05 if a.scale else 1.0, "shear": [0.0, 0.0]}
+    ours, uint8_decoder, tv = recipe.decoder(size), recipe.decoder(size, normalise=False), torchvision_transform(recipe)
+    floats = [to_normalised_tensor(pixels[0], MEAN, STD)] * BATCH
+    uint8s = [torch.from_numpy(pixels[0].copy()).permute(2, 0, 1).contiguous()] * BATCH
+    clahe = PilClahe(recipe.epoch_clahe or Clahe(2.0, 8))
+    stages: dict[str, Callable[[int], object]] = {
         "PIL decode": lambda i: Image.open(io.BytesIO(blobs[i])).convert("RGB"),
+        "CLAHE (per sample)": lambda i: clahe(pil[i]),
         "Augmenter (ours, PIL uint8)": lambda i: augmenter(pil[i], np.random.default_rng(i)),
-        "  F.affine PIL, nearest (the default)": lambda i: F.affine(pil[i], angle=7.0, translate=translate,
-                                                                   scale=1.0, shear=[0.0, 0.0]),
-        "  (F.affine PIL, bilinear: augment.interpolation)": lambda i: F.affine(
-            pil[i], angle=7.0, translate=translate, scale=1.0, shear=[0.0, 0.0],
-            interpolation=F.InterpolationMode.BILINEAR),
-        "  F.adjust_brightness PIL": lambda i: F.adjust_brightness(pil[i], 1.1),
+        AFFINE: lambda i: F.affine(pil[i], **affine),
+        "  (F.affine PIL, bilinear)": lambda i: F.affine(pil[i], **affine, interpolation=F.InterpolationMode.BILINEAR),
         "to_normalised_tensor": lambda i: to_normalised_tensor(pixels[i], MEAN, STD),
-        "Decoder (ours, whole sample)": lambda i: ours({"jpg": blobs[i]}, i),
+        DECODER: lambda i: ours({"jpg": blobs[i]}, i),
         UINT8: lambda i: uint8_decoder({"jpg": blobs[i]}, i),
         "torchvision transforms (b)": lambda i: tv(pil[i]),
-        "  F.affine uint8 tensor, nearest (b)": lambda i: F.affine(uint8[i], angle=7.0, translate=translate,
-                                                                   scale=1.0, shear=[0.0, 0.0]),
-        "stack 32 float images (batch)": lambda i: torch.stack([float_batch[0]] * 32) if i == 0 else None,
-        "  + move to shared memory (batch)": lambda i: (torch.stack([float_batch[0]] * 32).share_memory_()
-                                                        if i == 0 else None),
-        "stack 32 uint8 images (batch)": lambda i: torch.stack(uint8[:1] * 32) if i == 0 else None,
-        "  + move to shared memory, uint8 (batch)": lambda i: (torch.stack(uint8[:1] * 32).share_memory_()
-                                                               if i == 0 else None),
-        "normalise 32 uint8 images (batch)": lambda i: normalise_uint8(uint8_batch) if i == 0 else None,
+        "stack float (batch)": lambda i: torch.stack(floats),
+        FLOAT_SHM: lambda i: torch.stack(floats).share_memory_(),
+        SHARED: lambda i: stack_shared(floats),
+        INTO: lambda i: normalise_into_shared(uint8s, floats[0]),
+        "stack uint8 (batch)": lambda i: torch.stack(uint8s),
+        UINT8_SHM: lambda i: torch.stack(uint8s).share_memory_(),
     }
+    if recipe.epoch_clahe is None:
+        del stages["CLAHE (per sample)"]
+    return stages
+
+
+def stage_costs(files: Path, size: int, recipe: Recipe, count: int = 24) -> dict[str, float]:
+    """Milliseconds per image (per batch of BATCH for '(batch)' stages), best of 3, in one thread."""
+    torch.set_num_threads(1)
+    count = min(count, len(list(files.glob("*/*.jpg"))))
     costs = {}
-    for name, function in stages.items():
+    for name, function in stage_functions(files, size, recipe, count).items():
+        calls = 4 if "(batch)" in name else count
         best = float("inf")
         for _ in range(3):
             started = time.perf_counter()
-            for index in range(count):
+            for index in range(calls):
                 function(index)
-            best = min(best, (time.perf_counter() - started) / count * 1000)
-        costs[name] = best * (count if "(batch)" in name else 1)
+            best = min(best, (time.perf_counter() - started) / calls * 1000)
+        costs[name] = best
     return costs
+
+
+# ---------------------------------------------------------------- what the figures mean
+
+
+def work_ms(costs: dict[str, float]) -> dict[str, float]:
+    """Per-image CPU work (ms, one thread) of each way a worker can hand a batch over: the decoder plus its
+    share of the batch's stacking and shared-memory move. "a" and "u8" are what the product runs; the
+    others are candidates measured in the same process."""
+    return {"a": costs[DECODER] + costs[FLOAT_SHM] / BATCH, "u8": costs[UINT8] + costs[UINT8_SHM] / BATCH,
+            "stacked into shared memory": costs[DECODER] + costs[SHARED] / BATCH,
+            "normalised into a shared batch": costs[UINT8] + costs[INTO] / BATCH}
+
+
+def ratios(best: dict[str, float], costs: dict[str, float], workers: int) -> dict[str, float]:
+    """Each rate against its per-core ceiling (min(workers, cores) x 1 / its work) and against (b), per epoch
+    and in the steady state."""
+    cores = min(workers, os.cpu_count() or 1)
+    work = work_ms(costs)
+    found = {}
+    for key in ("a", "u8"):
+        for phase in ("", " steady"):
+            found[f"{key}{phase}/ceiling"] = best[key + phase] * work[key] / (cores * 1000)
+            found[f"{key}{phase}/b"] = best[key + phase] / best["b" + phase]
+    return found
+
+
+def rate_text(best: dict[str, float], key: str) -> str:
+    return f"{best[key]:.1f} img/s per epoch, {best[key + ' steady']:.1f} steady"
+
+
+def bound_sentence(costs: dict[str, float], workers: int) -> str:
+    """What bounds (a): its per-image worker work split into stages, and what the candidate hand-overs save."""
+    cores = min(workers, os.cpu_count() or 1)
+    parts = {"decode": costs["PIL decode"], "CLAHE": costs.get("CLAHE (per sample)", 0.0),
+             "PIL augmentation": costs["Augmenter (ours, PIL uint8)"],
+             "to_normalised_tensor": costs["to_normalised_tensor"],
+             "stack + shared memory of the float batch": costs[FLOAT_SHM] / BATCH}
+    parts = {name: ms for name, ms in parts.items() if ms}
+    total = sum(parts.values())
+    split = ", ".join(f"{name} {ms:.2f} ms ({ms / total:.0%})" for name, ms in parts.items())
+    largest = max(parts, key=lambda name: parts[name])
+    candidates = ", ".join(f"{name} {ms:.2f} ms/img (ceiling {cores * 1000 / ms:.0f} img/s)"
+                           for name, ms in work_ms(costs).items() if name not in ("a", "u8"))
+    return (f"bound: the workers' per-image CPU work, {total:.2f} ms in stages ({split}), led by {largest}; "
+            f"candidate float hand-overs: {candidates}; the nearest PIL affine costs {costs[AFFINE]:.2f} ms "
+            f"(bilinear {costs['  (F.affine PIL, bilinear)']:.2f} ms)")
+
+
+def figures_text(args, recipe: Recipe, best: dict[str, float], loads: list[float], costs: dict[str, float]) -> str:
+    """The RESULTS.md row: rates, both targets with their verdicts, the per-stage costs, the bound."""
+    cores, work, r = min(args.workers, os.cpu_count() or 1), work_ms(costs), ratios(best, costs, args.workers)
+    clahe = f", CLAHE {costs['CLAHE (per sample)']:.2f} ms" if "CLAHE (per sample)" in costs else ""
+    return (f"{args.n} synthetic JPEGs at {args.size} px, {recipe.describe()}, {args.workers} workers, batch "
+            f"{args.batch_size}, best of {args.repeats} (per epoch: worker start-up included, "
+            f"{args.n // args.batch_size} batches; steady: after every worker's first batch), load avg "
+            f"{min(loads):.1f}-{max(loads):.1f}: (a) ours {rate_text(best, 'a')}, per-core ceiling {cores} x "
+            f"1/{work['a']:.2f} ms = {cores * 1000 / work['a']:.1f} img/s; (b) torchvision ImageFolder "
+            f"{rate_text(best, 'b')}; (c) decode-only {best['c']:.1f} img/s; (a)/ceiling {r['a/ceiling']:.2f} per "
+            f"epoch, {r['a steady/ceiling']:.2f} steady (target 0.85, {verdict(r['a/ceiling'], 0.85)} / "
+            f"{verdict(r['a steady/ceiling'], 0.85)}); (a)/(b) {r['a/b']:.2f} per epoch, {r['a steady/b']:.2f} "
+            f"steady (target 1.5, {verdict(r['a/b'], 1.5)} / {verdict(r['a steady/b'], 1.5)}); (a') uint8 "
+            f"batches normalised on the device {rate_text(best, 'u8')}, ceiling {cores * 1000 / work['u8']:.1f} "
+            f"img/s ((a')/ceiling {r['u8/ceiling']:.2f} / {r['u8 steady/ceiling']:.2f}, (a')/(b) {r['u8/b']:.2f} / "
+            f"{r['u8 steady/b']:.2f}); per image 1 thread: decode {costs['PIL decode']:.2f} ms{clahe}, Augmenter "
+            f"{costs['Augmenter (ours, PIL uint8)']:.2f} ms, to_normalised_tensor {costs['to_normalised_tensor']:.2f}"
+            f" ms, our Decoder {costs[DECODER]:.2f} ms, uint8 decoder {costs[UINT8]:.2f} ms, torchvision transforms "
+            f"{costs['torchvision transforms (b)']:.2f} ms; per batch of {BATCH}: stack float "
+            f"{costs['stack float (batch)']:.0f} ms (with the move to shared memory {costs[FLOAT_SHM]:.0f} ms; "
+            f"stacked into shared memory {costs[SHARED]:.0f} ms; uint8 normalised into a shared batch "
+            f"{costs[INTO]:.0f} ms), stack uint8 {costs['stack uint8 (batch)']:.0f} ms (with the move "
+            f"{costs[UINT8_SHM]:.0f} ms); {bound_sentence(costs, args.workers)}")
+
+
+def print_summary(args, best: dict[str, float], costs: dict[str, float]) -> None:
+    cores, work, r = min(args.workers, os.cpu_count() or 1), work_ms(costs), ratios(best, costs, args.workers)
+    names = {"a": "(a) ours (TrainStream + make_loader)", "b": "(b) torchvision ImageFolder + DataLoader",
+             "c": "(c) decode-only", "u8": "(a') uint8 batches, normalised on the device"}
+    for key, name in names.items():
+        steady = f", {best[key + ' steady']:7.1f} steady" if key + " steady" in best else ""
+        print(f"  {name:<46} {best[key]:7.1f} img/s per epoch{steady}")
+    print(f"  per-core ceiling of (a): {cores} cores x 1/work = {cores * 1000 / work['a']:.1f} img/s; "
+          f"of (a'): {cores * 1000 / work['u8']:.1f} img/s")
+    for key, label, target in (("ceiling", "(a)/ceiling", 0.85), ("b", "(a)/(b)", 1.5)):
+        epoch, steady = r[f"a/{key}"], r[f"a steady/{key}"]
+        print(f"  {label} = {epoch:.2f} per epoch, {steady:.2f} steady (target >= {target}: "
+              f"{verdict(epoch, target)} / {verdict(steady, target)})")
+    print(f"  (a')/ceiling = {r['u8/ceiling']:.2f} / {r['u8 steady/ceiling']:.2f}, (a')/(b) = {r['u8/b']:.2f} / "
+          f"{r['u8 steady/b']:.2f}")
+    print(f"\ncost in one thread (ms per image; '(batch)' lines per batch of {BATCH}):")
+    for name, ms in costs.items():
+        print(f"  {name:<62} {ms:7.2f}")
+    print("\n" + bound_sentence(costs, args.workers))
 
 
 # ---------------------------------------------------------------- main
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=384, help="side of the shard images and of the input")
+    parser.add_argument("--augment", choices=("v2", "v3"), default="v3",
+                        help="whose data.augment section (configs/airogs_<name>.yaml)")
+    parser.add_argument("--clahe", choices=("build", "epoch"), default="build",
+                        help="for a recipe with CLAHE: in the shards (shards/build.py --clahe) or per sample")
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--raw-size", type=int, default=700, help="approximate side of the raw photographs")
-    parser.add_argument("--size", type=int, default=512, help="side of the shard images and of the input")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best counts")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "dist_train_bench")
     parser.add_argument("--no-record", dest="record", action="store_false", help="print only (smoke runs)")
     args = parser.parse_args()
-    shards, files = ensure_data(args.workdir, args.n, args.raw_size, args.size)
-    ours_decoder = Decoder(args.size, MEAN, STD, None, Augmenter(V2_AUGMENT))
-    uint8_decoder = Decoder(args.size, MEAN, STD, None, Augmenter(V2_AUGMENT), normalise=False)
-    loads = [load_average()]
-    rates: dict[str, list[float]] = {"a": [], "b": [], "c": [], "u8": []}
-    for round_index in range(args.repeats):
-        rates["a"].append(epoch_rate(ours_loader(shards, args, round_index, ours_decoder)))
-        rates["b"].append(epoch_rate(torchvision_loader(files, args)))
-        rates["c"].append(decode_only_rate(files, args))
-        rates["u8"].append(epoch_rate(ours_loader(shards, args, round_index, uint8_decoder)))
-        loads.append(load_average())
-        print(f"round {round_index + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
-              + " img/s", flush=True)
-    best = {key: max(values) for key, values in rates.items()}
-    costs = stage_costs(files, args.size)
-    print(f"\n{args.n} images at {args.size} px, {args.workers} workers, batch {args.batch_size}, "
-          f"best of {args.repeats}, load avg {min(loads):.1f}-{max(loads):.1f}")
-    names = {"a": "(a) ours (TrainStream + make_loader)", "b": "(b) torchvision ImageFolder + DataLoader",
-             "c": "(c) decode-only limit", "u8": "(a') uint8 batches, normalised on the device"}
-    for key, rate in best.items():
-        print(f"  {names[key]:<46} {rate:7.1f} img/s")
-    ab, ac = best["a"] / best["b"], best["a"] / best["c"]
-    print(f"  (a)/(b) = {ab:.2f} (target >= 1.5: {verdict(ab, 1.5)})")
-    print(f"  (a)/(c) = {ac:.2f} (target >= 0.85: {verdict(ac, 0.85)})")
-    print(f"  (a')/(a) = {best['u8'] / best['a']:.2f}, (a')/(b) = {best['u8'] / best['b']:.2f}, "
-          f"(a')/(c) = {best['u8'] / best['c']:.2f}")
-    print("\nper-image cost, one thread (ms; '(batch)' lines per batch of 32):")
-    for name, ms in costs.items():
-        print(f"  {name:<40} {ms:7.2f}")
-    bound = bound_sentence(costs, args.workers, args.batch_size)
-    print("\n" + bound)
-    figures = (f"uint8 PIL augmentation, nearest affine: {args.n} synthetic JPEGs at {args.size} px, v2 augmentation, "
-               f"{args.workers} workers, batch {args.batch_size}, best of {args.repeats}, load avg "
-               f"{min(loads):.1f}-{max(loads):.1f}: (a) ours {best['a']:.1f} img/s, (b) torchvision ImageFolder "
-               f"{best['b']:.1f} img/s, (c) decode-only {best['c']:.1f} img/s; (a)/(b) {ab:.2f} (target 1.5, "
-               f"{verdict(ab, 1.5)}), (a)/(c) {ac:.2f} (target 0.85, {verdict(ac, 0.85)}); (a') uint8 batches "
-               f"normalised on the device {best['u8']:.1f} img/s ((a')/(a) {best['u8'] / best['a']:.2f}, (a')/(b) "
-               f"{best['u8'] / best['b']:.2f}); per image 1 thread: decode {costs['PIL decode']:.1f} ms, Augmenter "
-               f"(PIL) {costs['Augmenter (ours, PIL uint8)']:.1f} ms (affine "
-               f"{costs['  F.affine PIL, nearest (the default)']:.1f}"
-               f" ms), to_normalised_tensor {costs['to_normalised_tensor']:.1f} ms, our Decoder "
-               f"{costs['Decoder (ours, whole sample)']:.1f} ms, uint8 decoder {costs[UINT8]:.1f} ms, torchvision "
-               f"transforms {costs['torchvision transforms (b)']:.1f} ms; per batch of 32: stack float "
-               f"{costs['stack 32 float images (batch)']:.0f} ms (+ shared memory "
-               f"{costs['  + move to shared memory (batch)']:.0f} ms), stack uint8 "
-               f"{costs['stack 32 uint8 images (batch)']:.0f} ms (+ shared memory "
-               f"{costs['  + move to shared memory, uint8 (batch)']:.0f} ms); {bound}")
+    if args.n < args.batch_size:
+        print(f"data_throughput: --n {args.n} is fewer than one batch of --batch-size {args.batch_size}: give --n "
+              f"of at least {args.batch_size}", file=sys.stderr)
+        raise SystemExit(2)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    recipe = Recipe(args.augment, args.clahe)
+    shards, files = ensure_data(args.workdir, args, recipe)
+    best, loads = measure_rates(shards, files, args, recipe)
+    costs = stage_costs(files, args.size, recipe)
+    print(f"\n{args.n} images at {args.size} px, {recipe.describe()}, {args.workers} workers, batch "
+          f"{args.batch_size}, best of {args.repeats}, load avg {min(loads):.1f}-{max(loads):.1f}")
+    print_summary(args, best, costs)
     if args.record:
-        append_row("data_throughput", figures)
-
-
-def bound_sentence(costs: dict[str, float], workers: int, batch_size: int) -> str:
-    """What bounds (a): its per-image worker work split into stages, beside the decode it cannot avoid."""
-    per_batch = costs["  + move to shared memory (batch)"] / batch_size
-    parts = {"decode": costs["PIL decode"], "PIL augmentation": costs["Augmenter (ours, PIL uint8)"],
-             "to_normalised_tensor": costs["to_normalised_tensor"],
-             "stack + shared memory of the float batch": per_batch}
-    total = sum(parts.values())
-    split = ", ".join(f"{name} {ms:.1f} ms ({ms / total:.0%})" for name, ms in parts.items())
-    largest = max(parts, key=parts.get)
-    return (f"bound: the workers' per-image CPU work, {total:.1f} ms ({split}; ceiling {workers} x "
-            f"{1000 / total:.0f} = {workers * 1000 / total:.0f} img/s on idle cores), led by {largest}; the "
-            f"augmentation's nearest PIL affine costs {costs['  F.affine PIL, nearest (the default)']:.1f} ms "
-            f"(bilinear "
-            f"{costs['  (F.affine PIL, bilinear: augment.interpolation)']:.1f} ms); the decode is "
-            f"{costs['PIL decode'] / total:.0%} of it")
+        append_row("data_throughput", figures_text(args, recipe, best, loads, costs))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ Measured one after another on the same engine, each --steps optimizer steps afte
                   loop's own cost (per-step host syncs, statistics, logging) on top of the model;
   full pipeline   Trainer.train_epoch as a run does it: shards -> DataLoader workers (PIL decode, 8-bit
                   augmentation, normalisation) -> pinned copy -> step;
-  gpu decode      a candidate input path: workers only read shard bytes; nvJPEG decodes the batch on
-                  the GPU (torchvision.io.decode_jpeg(device="cuda")), augmentation (per-sample affine via
-                  affine_grid/grid_sample, brightness, flip) and normalisation run batched on the GPU.
+  gpu decode      the product's data.decode=cuda path through the same Trainer: workers read shard bytes
+                  and draw the augmentation parameters; dist_train.data.gpu_decode decodes the batch with
+                  nvJPEG (torchvision.io.decode_jpeg(device="cuda")) and augments it batched on the GPU.
+                  "gpu decode alone" times that device step by itself. With --clahe it is skipped
+                  (per-epoch CLAHE has no GPU kernel; such runs build their shards with --clahe).
 
 Also the host JPEG decode rate per core and the GPU decode rate alone, and peak GPU memory. Targets
 (one H100): full pipeline >= 90% of model only; the users' v3 workload (b0 at 384 px, ~54k images x
@@ -29,10 +31,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
-import math
 import os
 import tempfile
 import time
@@ -40,10 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
 from common import ROOT, append_row, load_average
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 V2_AUGMENT = {"rotation_deg": 15, "shift": 0.1, "brightness": [0.8, 1.2], "hflip": True}
 
@@ -68,7 +68,7 @@ def ensure_shards(workdir: Path, n: int, size: int) -> Path:
     return shards
 
 
-def build_trainer(args, shards: Path, device: str, loader_factory=None):
+def build_trainer(args, shards: Path, device: str, loader_factory=None, decode: str = "cpu"):
     """The product's Trainer on the bench shards; `loader_factory` replaces its DataLoader (data from memory)."""
     from dist_train.config import config_from_dict
     from dist_train.data.stream import make_loader
@@ -79,7 +79,7 @@ def build_trainer(args, shards: Path, device: str, loader_factory=None):
         "name": f"gpu-throughput-{args.image_size}", "run_root": str(Path(args.workdir) / "runs"),
         "data": {"train_shards": str(shards / "train-*.tar"), "val_shards": str(shards / "val-*.tar"),
                  "image_size": args.image_size, "workers": args.workers, "augment": V2_AUGMENT,
-                 "clahe": args.clahe, "shuffle_buffer": 64},
+                 "clahe": args.clahe, "shuffle_buffer": 64, "decode": decode},
         "model": {"backbone": "efficientnet_b0", "pretrained": "none", "channels_last": True,
                   "compile": args.compile},
         "loss": {"name": "bce"}, "optim": {"name": "adamw", "lr": 1e-4},
@@ -168,77 +168,33 @@ def full_pipeline(trainer, args, device) -> float:
     return trainer_epoch(trainer, args.steps, 20_001, device)
 
 
-class ShardBytes(IterableDataset):
-    """Batches of raw JPEG bytes (as uint8 tensors) and labels: the workers only read tar files."""
+def gpu_decode_pipeline(args, shards: Path, device_name: str, device) -> tuple[float, float]:
+    """(images/s of a Trainer with data.decode=cuda, images/s of its device step alone).
 
-    def __init__(self, urls: list[str], batch_size: int, batches: int):
-        self.urls, self.batch_size, self.batches = urls, batch_size, batches
-
-    def __iter__(self):
-        from dist_train.data.stream import assign_slots, cycled, sample_image_bytes, sample_label
-
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        samples = cycled(assign_slots(self.urls, workers)[worker], seed=worker, buffer_size=64)
-        for _ in range(len(range(worker, self.batches, workers))):
-            chunk = [next(samples) for _ in range(self.batch_size)]
-            data = [torch.frombuffer(bytearray(sample_image_bytes(s)), dtype=torch.uint8) for s in chunk]
-            yield data, torch.tensor([sample_label(s) for s in chunk], dtype=torch.float32)
+    Without CUDA (the smoke run) the Trainer falls back to the CPU path, as runs do, and the device step
+    runs on the CPU: every part still executes."""
+    trainer = build_trainer(args, shards, device_name, decode="cuda")
+    return full_pipeline(trainer, args, device), device_decode_rate(trainer, args, device)
 
 
-class GpuAugment:
-    """v2 augmentation for a whole uint8 batch on the device, parameters drawn per sample."""
+def device_decode_rate(trainer, args, device) -> float:
+    """Images/s of `gpu_decode.DeviceDecoder` (decode, augment) on --steps batches read here beforehand."""
+    from dist_train.data.gpu_decode import DeviceDecoder
+    from dist_train.data.stream import TrainStream
 
-    def __init__(self, mean, std, device, generator: torch.Generator):
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-        self.device, self.generator = device, generator
-
-    def uniform(self, count: int, low: float, high: float) -> torch.Tensor:
-        return torch.rand(count, device=self.device, generator=self.generator) * (high - low) + low
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        count = batch.shape[0]
-        angle = self.uniform(count, -15, 15) * math.pi / 180
-        shift = self.uniform(2 * count, -0.1, 0.1).view(count, 2) * 2  # affine_grid spans [-1, 1]
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-        pixels = batch.float()
-        grid = nnf.affine_grid(theta, list(pixels.shape), align_corners=False)
-        pixels = nnf.grid_sample(pixels, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        pixels = (pixels * self.uniform(count, 0.8, 1.2).view(count, 1, 1, 1)).clamp_(0, 255)
-        flip = torch.rand(count, device=self.device, generator=self.generator) < 0.5
-        pixels = torch.where(flip.view(count, 1, 1, 1), pixels.flip(-1), pixels)
-        return ((pixels - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-
-
-def gpu_decode_pipeline(trainer, args, device) -> tuple[float, float]:
-    """(images/s of bytes -> nvJPEG -> GPU augment -> step, images/s of the GPU decode alone)."""
-    from torchvision.io import decode_jpeg
-
-    from dist_train.data.stream import shard_urls
-
-    mean, std = trainer.model.data_config["mean"], trainer.model.data_config["std"]
-    augment = GpuAugment(mean, std, device, torch.Generator(device=device).manual_seed(0))
-    urls = shard_urls(trainer.cfg.data.train_shards)
-    warm = max(2, args.workers)
-    loader = DataLoader(ShardBytes(urls, args.batch_size, warm + args.steps), batch_size=None,
-                        num_workers=args.workers, pin_memory=False, prefetch_factor=4 if args.workers else None)
-    engine, decode_seconds, started = trainer.engine, 0.0, None
-    for index, (data, labels) in enumerate(loader):
-        if index == warm:
-            synchronize(device)
-            started, decode_seconds = time.perf_counter(), 0.0
-        decode_started = time.perf_counter()
-        decoded = decode_jpeg(data, device=device)
-        synchronize(device)
-        decode_seconds += time.perf_counter() - decode_started
-        images = augment(torch.stack(decoded))
-        engine.forward_backward(images, labels.to(device, non_blocking=True), trainer.loss_fn, sync=True)
-        engine.optimizer_step()
+    cfg = trainer.cfg
+    decoder = dataclasses.replace(trainer.decoders["train"], on_device=True)
+    stream = TrainStream(trainer.train_urls, cfg.data, decoder, cfg.train.batch_size, 0, 1, cfg.train.seed, 30_000,
+                         args.steps + 1, 1)
+    batches = list(stream)
+    step = DeviceDecoder(cfg.data.image_size, cfg.data.augment.interpolation, device)
+    step(batches[0])
     synchronize(device)
-    images_timed = args.steps * args.batch_size
-    return images_timed / (time.perf_counter() - started), images_timed / max(decode_seconds, 1e-9)
+    started = time.perf_counter()
+    for batch in batches[1:]:
+        step(batch)
+    synchronize(device)
+    return sum(len(batch.keys) for batch in batches[1:]) / (time.perf_counter() - started)
 
 
 def host_decode_rate(shards: Path, count: int = 64) -> float:
@@ -297,8 +253,11 @@ def main() -> None:
     rates["loop, memory"] = loop_on_memory(memory_trainer, args, device)
     with peak_memory(device, memory, "full pipeline"):
         rates["full pipeline"] = full_pipeline(trainer, args, device)
-    if args.gpu_decode:
-        rates["gpu decode pipeline"], rates["gpu decode alone"] = gpu_decode_pipeline(trainer, args, device)
+    if args.gpu_decode and args.clahe:
+        print("gpu decode skipped: per-epoch CLAHE (--clahe) has no GPU kernel; build the shards with --clahe")
+    elif args.gpu_decode:
+        rates["gpu decode pipeline"], rates["gpu decode alone"] = gpu_decode_pipeline(args, shards, device_name,
+                                                                                      device)
     rates["host decode, 1 core"] = host_decode_rate(shards)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)"
     print(f"\n{gpu}: efficientnet_b0 at {args.image_size} px, batch {args.batch_size}, "

@@ -84,6 +84,9 @@ class DataConfig:
     verify_shards: bool = False
     """Check every shard's sha256 against the manifest before training (reads each shard once)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    decode: Literal["cpu", "cuda"] = "cpu"
+    """Where JPEGs are decoded and augmented: 'cpu' in the DataLoader workers (PIL); 'cuda' on the GPU (nvJPEG),
+    the workers then only read bytes and draw the augmentation parameters. Without CUDA it falls back to 'cpu'."""
 
     def validate(self, check: _Check) -> None:
         check.that("train_shards", bool(self.train_shards), "must name the training shards")
@@ -406,5 +409,8 @@ class Config:
                        "the phase would never run")
         if self.loss.name == "focal":
             check.that("loss.pos_weight", self.loss.pos_weight is None, "applies to loss.name: bce, not focal")
+        check.that("data.decode", self.data.decode != "cuda" or not self.data.clahe,
+                   "cuda cannot run per-epoch CLAHE (data.clahe: true): build the shards with "
+                   "shards/build.py --clahe and set data.clahe: false")
 
 

@@ -14,6 +14,10 @@ slot), where a deal of whole shards cannot balance shards of uneven size. Withou
 least as many shards as slots each slot owns whole shards; with fewer, the slots sharing a shard
 take every k-th sample of it. Augmentation draws its parameters from a per-sample seed, so a run resumed mid-epoch
 (raw samples skipped before decoding) sees the same pixels as a run never interrupted.
+
+With `data.decode: cuda` the same streams run, but the Decoder stops after reading bytes: a Batch then carries
+its JPEGs (`EncodedBatch`) and the augmentation parameters drawn in the worker, and `gpu_decode.DeviceDecoder`
+finishes on the GPU; samples, order, quotas, positions and corrupt-sample accounting stay the CPU path's.
 """
 
 from __future__ import annotations
@@ -26,14 +30,11 @@ import glob
 import hashlib
 import io
 import itertools
-import json
 import logging
 import math
-import os
 import random
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,10 +46,10 @@ from webdataset import tariterators
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
-from dist_train.data.augment import Augmenter, to_normalised_tensor
 from dist_train.config import DataConfig
-from dist_train.errors import DataError
+from dist_train.data.augment import Augmenter, AugmentParams, to_normalised_tensor
 from dist_train.data.transforms import apply_clahe
+from dist_train.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -269,12 +270,81 @@ def balanced(share: SlotShare, seed: int, buffer_size: int, positive_fraction: f
 # ---------------------------------------------------------------- decoding
 
 
+def decode_rgb(data: bytes, image_size: int) -> Image.Image:
+    """PIL's decode at the training size: JPEG DCT scaling (draft) when much larger, then a bilinear resize."""
+    image: Image.Image
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (image_size, image_size))
+        image = image.convert("RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return image
+
+
+JPEG_END = b"\xff\xd9"
+
+
+def device_decodable(data: bytes, image_size: int) -> bool:
+    """Whether nvJPEG can take these bytes as they are: a complete (end marker last) RGB or gray JPEG
+    already at the training size.
+
+    Only the header is parsed (PIL opens lazily). Anything else - PNG, CMYK, a truncated file, trailing
+    bytes, another size (PIL's reduced-scale decode and resize have no exact GPU twin; shards are built at
+    the training size) - is decoded in the worker as the CPU path does it, so a file PIL rejects is a
+    corrupt sample on both paths."""
+    if not data.endswith(JPEG_END):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return (image.format == "JPEG" and image.mode in ("RGB", "L")
+                    and image.size == (image_size, image_size))
+    except Exception:  # the worker's full decode names the problem
+        return False
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """What a bytes-only Decoder hands on: JPEG bytes (`shape` None) or pixels it had to decode (H, W, 3)."""
+
+    payload: bytes
+    shape: tuple[int, ...] | None
+    params: list[float] | None
+    url: str = ""
+    """The shard it came from, to name it if the device cannot decode it."""
+
+
+@dataclass
+class EncodedBatch:
+    """A batch's payloads in one uint8 tensor (one shared-memory block from a worker, not N), and the
+    (N, 8) augmentation parameters drawn in the worker (None: no augmentation)."""
+
+    data: torch.Tensor
+    lengths: list[int]
+    shapes: list[tuple[int, ...] | None]
+    params: torch.Tensor | None
+    urls: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, samples: list[EncodedSample]) -> EncodedBatch:
+        data = torch.from_numpy(np.frombuffer(b"".join(s.payload for s in samples), dtype=np.uint8).copy())
+        rows = [s.params for s in samples]
+        params = None if rows[0] is None else torch.tensor(rows, dtype=torch.float64)
+        return cls(data, [len(s.payload) for s in samples], [s.shape for s in samples], params,
+                   [s.url for s in samples])
+
+    def payloads(self) -> list[torch.Tensor]:
+        return list(torch.split(self.data, self.lengths))
+
+
 @dataclass
 class Decoder:
     """Bytes to a tensor: decode, resize, optional CLAHE, augmentation, then normalisation.
 
     With `normalise=False` it returns the 8-bit image (3xHxW uint8) and `augment.Normaliser` finishes
-    the job on the GPU: a quarter of the bytes to stack, share between processes and copy.
+    the job on the GPU: a quarter of the bytes to stack, share between processes and copy. With
+    `on_device=True` the workers' `worker_item` stops after reading bytes and drawing the augmentation
+    parameters (an `EncodedSample`); `gpu_decode.DeviceDecoder` does the rest on the GPU. Calling it
+    always decodes here, on the CPU.
     """
 
     image_size: int
@@ -283,14 +353,21 @@ class Decoder:
     clahe: tuple[float, int] | None = None
     augmenter: Augmenter | None = None
     normalise: bool = True
+    on_device: bool = False
+
+    def __post_init__(self) -> None:
+        if self.on_device and self.clahe is not None:
+            raise ValueError("Decoder(on_device=True) cannot run CLAHE: the config refuses data.decode=cuda with it")
+
+    def worker_item(self, sample: dict[str, Any], sample_seed: int) -> torch.Tensor | EncodedSample:
+        """What a DataLoader worker hands on for the sample: its tensor, or with `on_device` its bytes."""
+        if self.on_device:
+            return dataclasses.replace(self.encoded(sample_image_bytes(sample), sample_seed),
+                                       url=str(sample.get("__url__")))
+        return self(sample, sample_seed)
 
     def __call__(self, sample: dict[str, Any], sample_seed: int) -> torch.Tensor:
-        image: Image.Image
-        with Image.open(io.BytesIO(sample_image_bytes(sample))) as image:
-            image.draft("RGB", (self.image_size, self.image_size))
-            image = image.convert("RGB")
-        if image.size != (self.image_size, self.image_size):
-            image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        image = decode_rgb(sample_image_bytes(sample), self.image_size)
         if self.clahe is not None:
             image = Image.fromarray(apply_clahe(np.asarray(image), clip_limit=self.clahe[0], tile_grid=self.clahe[1]))
         if self.augmenter is not None:
@@ -298,6 +375,18 @@ class Decoder:
         if not self.normalise:
             return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).contiguous()
         return to_normalised_tensor(np.asarray(image), self.mean, self.std)
+
+    def encoded(self, data: bytes, sample_seed: int) -> EncodedSample:
+        """The bytes (or, where nvJPEG cannot take them, the CPU path's pixels) and the sample's parameters,
+        drawn from the same per-sample seed the CPU path draws them from."""
+        params: AugmentParams | None = None
+        if self.augmenter is not None:
+            params = self.augmenter.draw(np.random.default_rng(sample_seed), self.image_size)
+        row = params.row() if params is not None else None
+        if device_decodable(data, self.image_size):
+            return EncodedSample(data, None, row)
+        pixels = np.asarray(decode_rgb(data, self.image_size))
+        return EncodedSample(pixels.tobytes(), pixels.shape, row)
 
 
 @dataclass
@@ -331,6 +420,8 @@ class Batch:
     """Raw samples this worker has consumed in the epoch after this batch (for exact resume)."""
     bad: list[tuple[str, str, str]] = field(default_factory=list)
     """(shard, key, reason) of corrupt samples skipped since the previous batch of this worker."""
+    encoded: EncodedBatch | None = None
+    """data.decode=cuda: the samples still to decode on the device (`images` is then empty)."""
 
     def pin_memory(self) -> Batch:
         """What the DataLoader's pinning thread calls (`data.pin_memory` on a GPU run): page-locked
@@ -341,14 +432,15 @@ class Batch:
 def decode_batches(samples: Iterator[dict[str, Any]], decoder: Decoder, batch_size: int, seed: int,
                    worker: int, start_position: int = 0, keep_last: bool = False) -> Iterator[Batch]:
     """Group decoded samples into batches, skipping (and reporting) the ones that fail to decode."""
-    images, labels, keys, bad = [], [], [], []
+    images: list[Any] = []
+    labels, keys, bad = [], [], []
     position = start_position
     for sample in samples:
         position += 1
         key = str(sample.get("__key__"))
         try:
             label = sample_label(sample)
-            images.append(decoder(sample, epoch_seed(seed, position, key)))
+            images.append(decoder.worker_item(sample, epoch_seed(seed, position, key)))
         except DataError:
             raise
         except Exception as error:
@@ -359,12 +451,22 @@ def decode_batches(samples: Iterator[dict[str, Any]], decoder: Decoder, batch_si
         labels.append(label)
         keys.append(key)
         if len(images) == batch_size:
-            yield Batch(torch.stack(images), torch.tensor(labels, dtype=torch.float32), keys, worker, position, bad)
+            yield _batch(images, labels, keys, worker, position, bad)
             images, labels, keys, bad = [], [], [], []
     if images and keep_last:
-        yield Batch(torch.stack(images), torch.tensor(labels, dtype=torch.float32), keys, worker, position, bad)
+        yield _batch(images, labels, keys, worker, position, bad)
     elif bad:
         yield Batch(torch.empty(0), torch.empty(0), [], worker, position, bad)
+
+
+def _batch(images: list[Any], labels: list[int], keys: list[str], worker: int, position: int,
+           bad: list[tuple[str, str, str]]) -> Batch:
+    """Stacked tensors, or (bytes-only Decoder) the encoded samples for the device to decode."""
+    targets = torch.tensor(labels, dtype=torch.float32)
+    if isinstance(images[0], EncodedSample):
+        encoded = EncodedBatch.of(images)
+        return Batch(torch.empty(0, dtype=torch.uint8), targets, keys, worker, position, bad, encoded)
+    return Batch(torch.stack(images), targets, keys, worker, position, bad)
 
 
 # ---------------------------------------------------------------- datasets

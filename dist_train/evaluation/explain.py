@@ -8,9 +8,14 @@ a grid) is the accepted one.
 
 The target layer is chosen per architecture: for a CNN the last child of the backbone whose output is
 still a spatial map (timm's last conv stage, or its head conv + norm), preferring one wider than 1x1 so a
-tiny input does not give a constant map; for a ViT the last block's `norm1`, its patch tokens reshaped
-to the patch grid. Maps are computed on exactly the tensor the model scores (the evaluation decoder's
-resize, CLAHE and normalisation), so they show what it saw; `to_rgb` undoes only the normalisation.
+tiny input does not give a constant map; for a ViT Grad-CAM takes the last block's `norm1`, its patch
+tokens reshaped to the patch grid. A ViT's default map is attention-based instead: attention rollout
+(Abnar & Zuidema 2020) through every block, read from what the pooled feature attends to (the class
+token's row, or the mean patch row under average pooling). The grad-cam library has no rollout, so
+it is written here (`attention_rollout`, a dozen lines over timm's own attention modules).
+
+Maps are computed on exactly the tensor the model scores (the evaluation decoder's resize, CLAHE and
+normalisation), so they show what it saw; `to_rgb` undoes only the normalisation.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from torch import nn
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
 """The CAM methods offered, by name; both are gradient-weighted, so they follow the RG logit's sign."""
+ROLLOUT = "rollout"
+"""Attention rollout (ViTs only): not class-specific, but what the attention that forms the feature sees."""
 
 Reshape = Callable[[torch.Tensor], torch.Tensor]
 
@@ -117,11 +124,18 @@ def _recorder(shapes: dict[str, tuple[int, ...]], child_name: str) -> Callable[.
     return record
 
 
-def cam_maps(model: nn.Module, images: torch.Tensor, layer: str | None = None, method: str = "gradcam") -> np.ndarray:
+def cam_maps(model: nn.Module, images: torch.Tensor, layer: str | None = None, method: str | None = None) -> np.ndarray:
     """Maps [N, H, W] in [0, 1] (each image's own min-max) of where the RG logit of `images` comes from.
 
-    `images` is the normalised batch the model scores; `layer` a dotted module name to override the choice.
+    `images` is the normalised batch the model scores; `layer` a dotted module name to override the choice;
+    `method` one of METHODS or ROLLOUT (default: rollout for ViTs without a `layer`, else Grad-CAM).
     """
+    vit = _is_vit(_backbone(model))
+    method = method or (ROLLOUT if vit and layer is None else "gradcam")
+    if method == ROLLOUT:
+        if not vit:
+            raise ValueError(f"{type(_backbone(model)).__name__}: attention rollout needs a ViT backbone")
+        return attention_rollout(model, images)
     target = find_target(model, images, layer)
     was_training = model.training
     try:
@@ -130,6 +144,54 @@ def cam_maps(model: nn.Module, images: torch.Tensor, layer: str | None = None, m
     finally:
         model.train(was_training)
     return np.nan_to_num(np.asarray(maps, dtype=np.float32)).clip(0, 1)
+
+
+def attention_rollout(model: nn.Module, images: torch.Tensor) -> np.ndarray:
+    """Rollout maps [N, H, W] in [0, 1]: `rollout_grid` upsampled to the image and min-max scaled per image."""
+    maps = nn.functional.interpolate(rollout_grid(model, images).unsqueeze(1), size=images.shape[-2:],
+                                     mode="bilinear", align_corners=False)[:, 0]
+    low = maps.amin(dim=(1, 2), keepdim=True)
+    span = (maps.amax(dim=(1, 2), keepdim=True) - low).clamp_min(1e-12)
+    return ((maps - low) / span).numpy().astype(np.float32)
+
+
+def rollout_grid(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The pooled feature's rollout over the patch grid [N, gh, gw]: per block the head-averaged attention
+    with the residual, (A + I) / 2, rows renormalised, multiplied from the first block up."""
+    backbone = _backbone(model)
+    layers = attention_matrices(model, images)
+    tokens = layers[0].shape[-1]
+    eye = torch.eye(tokens, dtype=layers[0].dtype)
+    rollout = eye.expand(len(images), tokens, tokens)
+    for attention in layers:
+        mixed = 0.5 * attention.mean(dim=1) + 0.5 * eye
+        rollout = (mixed / mixed.sum(dim=-1, keepdim=True)) @ rollout
+    prefix = int(backbone.num_prefix_tokens)
+    pooled_row = rollout[:, prefix:].mean(dim=1) if getattr(backbone, "global_pool", "token") == "avg" \
+        else rollout[:, 0]
+    return _vit_reshape(backbone)(pooled_row.unsqueeze(-1))[:, 0]
+
+
+def attention_matrices(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Every block's softmax attention [N, heads, T, T], from timm's unfused attention path (the fused kernel
+    never materialises it), captured at its `attn_drop` (identity in eval mode)."""
+    captured: list[torch.Tensor] = []
+    modules = [block.attn for block in _backbone(model).blocks]
+    fused = [module.fused_attn for module in modules]
+    handles = [module.attn_drop.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().float()))
+               for module in modules]
+    was_training = model.training
+    try:
+        for module in modules:
+            module.fused_attn = False
+        with torch.no_grad():
+            model.eval()(images)
+    finally:
+        for module, flag, handle in zip(modules, fused, handles, strict=True):
+            module.fused_attn = flag
+            handle.remove()
+        model.train(was_training)
+    return captured
 
 
 def to_rgb(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

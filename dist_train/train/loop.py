@@ -22,6 +22,7 @@ from torch.utils.data import IterableDataset
 from dist_train import faults
 from dist_train.config import Config, DataConfig, to_dict
 from dist_train.data.augment import Augmenter, Normaliser
+from dist_train.data.gpu_decode import DeviceDecoder, decodes_on_device
 from dist_train.data.manifest import shard_preprocessing, split_counts, verify_against_manifest
 from dist_train.data.preprocess import clahe_plan
 from dist_train.data.stream import (
@@ -104,6 +105,7 @@ class Trainer:
                                       self.steps_per_epoch, cfg.train.epochs, batch_scale=self.batch_scale)
         mean, std = tuple(self.model.data_config["mean"]), tuple(self.model.data_config["std"])
         self.normalise = Normaliser(mean, std, env.device)
+        self.device_decode = DeviceDecoder(cfg.data.image_size, cfg.data.augment.interpolation, env.device)
         self.decoders = self._decoders(mean, std)
         self.state, self.stream, self.rng = TrainerState(), StreamState(), RNGState()
         self.bad_samples = BadSamples(env, self.train_counts.samples, cfg.data.max_bad_fraction)
@@ -126,12 +128,14 @@ class Trainer:
 
     def _decoders(self, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Decoder]:
         """On a GPU, workers hand over 8-bit images and the GPU normalises; on a CPU, workers normalise.
-        CLAHE runs here only for shards built without it (clahe_plan refuses CLAHE twice or on one split)."""
+        CLAHE runs here only for shards built without it (clahe_plan refuses CLAHE twice or on one split).
+        With data.decode=cuda on a GPU the workers only read bytes and `self.device_decode` decodes them."""
         data = self.cfg.data
         clahe = clahe_plan(data, self.train_urls, self.val_urls).in_decoder
         in_workers = self.env.device.type != "cuda"
-        train = Decoder(data.image_size, mean, std, clahe, Augmenter(data.augment), normalise=in_workers)
-        return {"train": train, "eval": Decoder(data.image_size, mean, std, clahe, None, normalise=in_workers)}
+        on_device = decodes_on_device(data, self.env.device)
+        train = Decoder(data.image_size, mean, std, clahe, Augmenter(data.augment), in_workers, on_device)
+        return {"train": train, "eval": Decoder(data.image_size, mean, std, clahe, None, in_workers, on_device)}
 
     # ------------------------------------------------------------ the run
 
@@ -240,6 +244,7 @@ class Trainer:
                              shard_samples=self.train_counts.per_shard)
         pin_memory = self.cfg.data.pin_memory and self.env.device.type == "cuda"
         for batch in self.loader_factory(stream, self.cfg.data, pin_memory, self.cfg.engine.timeout_s):
+            batch = self.device_decode(batch)  # data.decode=cuda: here, so its corrupt samples are counted below
             self.bad_samples.note(batch)
             if batch.keys:
                 yield batch
@@ -353,7 +358,7 @@ class Trainer:
         """This rank's share of the validation set, scored once, with the configured TTA."""
         stream = EvalStream(self.val_urls, self.decoders["eval"], self.cfg.eval.batch_size, self.env.rank,
                             self.env.world_size, self.cfg.data.workers, shard_samples=self.val_counts.per_shard)
-        loader = self.loader_factory(stream, self.cfg.data, False, self.cfg.engine.timeout_s)
+        loader = map(self.device_decode, self.loader_factory(stream, self.cfg.data, False, self.cfg.engine.timeout_s))
         faults.point("scoring.score")
         return scoring.score_stream(self.engine.module, loader, self.env.device, self.cfg.eval.tta, self.loss_fn,
                                      self.engine.autocast, self.normalise)

@@ -26,6 +26,7 @@ from dist_train.evaluation.explain import (
     find_target,
     mass_inside_circle,
     overlay,
+    rollout_grid,
     to_rgb,
     write_overlays,
 )
@@ -232,3 +233,48 @@ def test_explain_shards_names_overlays_by_sample_key(tmp_path):
     assert explain_shards(predictor, urls, tmp_path / "out", batch_size=4) == 4
     assert sorted(path.stem for path in (tmp_path / "out").iterdir()) == [
         "val-00-0000", "val-00-0001", "val-00-0002", "val-01-0000"]
+
+
+# ---------------------------------------------------------------- attention rollout (ViTs)
+
+
+def _hand_attention(backbone: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Each block's softmax(q k^T / sqrt(d)), recomputed from its qkv weights on the block's own input."""
+    x = backbone.norm_pre(backbone._pos_embed(backbone.patch_embed(images)))
+    found = []
+    for block in backbone.blocks:
+        attn = block.attn
+        qkv = attn.qkv(block.norm1(x)).reshape(x.shape[0], x.shape[1], 3, attn.num_heads, attn.head_dim)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        found.append(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+        x = block(x)
+    return found
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_vit_rollout_is_the_product_of_the_blocks_residual_attention(pool):
+    """The Abnar & Zuidema rule by hand: prod over blocks of norm((mean_heads A + I) / 2), the pooled row."""
+    cfg = ModelConfig(backbone="vit_tiny_patch16_224", global_pool=pool, head_widths=[8], head_dropout=[0.0])
+    model = build_model(cfg, image_size=64).eval()
+    images = nn.functional.interpolate(noise_batch(2), size=64)
+    backbone = model.backbone
+    with torch.no_grad():
+        rollout = torch.eye(backbone.patch_embed.num_patches + backbone.num_prefix_tokens)
+        for attention in _hand_attention(backbone, images):
+            mixed = 0.5 * attention.mean(dim=1) + 0.5 * torch.eye(attention.shape[-1])
+            rollout = (mixed / mixed.sum(-1, keepdim=True)) @ rollout
+    prefix = backbone.num_prefix_tokens
+    row = rollout[:, prefix:].mean(1) if pool == "avg" else rollout[:, 0]
+    assert torch.allclose(rollout_grid(model, images), row[:, prefix:].reshape(2, 4, 4), atol=1e-6)
+    maps = cam_maps(model, images)
+    assert maps.shape == (2, 64, 64) and maps.min() == 0 and maps.max() == 1
+
+
+def test_rollout_leaves_the_vit_as_it_found_it():
+    model = tiny("test_vit").train()
+    fused = [block.attn.fused_attn for block in model.backbone.blocks]
+    cam_maps(model, nn.functional.interpolate(noise_batch(1), size=64))
+    assert model.training and [block.attn.fused_attn for block in model.backbone.blocks] == fused
+    with pytest.raises(ValueError, match="rollout needs a ViT"):
+        cam_maps(tiny("resnet10t"), noise_batch(1), method="rollout")

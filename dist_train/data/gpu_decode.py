@@ -1,0 +1,105 @@
+"""The device half of `data.decode: cuda`: a batch of JPEG bytes to the 8-bit images the CPU path would give.
+
+The DataLoader workers run the very same streams as on the CPU path (so samples, order, quotas, resume
+positions and exactly-once validation are the CPU path's) but stop after reading bytes and drawing each
+sample's augmentation parameters (`stream.Decoder(on_device=True)`). Here nvJPEG decodes the whole
+batch in one call (`torchvision.io.decode_jpeg(list, device=...)`) and `augment.augment_batch` applies the
+worker's parameters; `augment.Normaliser` follows, as for every GPU run. The same code runs with device
+"cpu" (libjpeg), which is how the tests compare it with the CPU path.
+
+The workers send nvJPEG only complete RGB/gray JPEGs at the training size (header and end marker checked;
+anything else they decode with PIL as the CPU path does, so what PIL rejects is a corrupt sample there too).
+A batch call still fails as a whole when one JPEG is bad inside, so on failure each image is decoded
+alone; one that nvJPEG refuses is decoded by PIL on the host as the CPU path would, and only one PIL
+rejects too joins `batch.bad` - the one place the paths differ: that batch is one sample short, where
+the CPU path would have filled it with the next sample. Per-epoch CLAHE has no GPU kernel: the
+config refuses it with data.decode=cuda (build the shards with --clahe instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from dist_train.config import DataConfig
+from dist_train.data.augment import augment_batch
+from dist_train.data.stream import Batch, EncodedBatch, decode_rgb
+
+log = logging.getLogger(__name__)
+
+
+def decodes_on_device(cfg: DataConfig, device: torch.device) -> bool:
+    """Whether this run decodes on the GPU: data.decode=cuda on a CUDA device; otherwise the CPU path,
+    said once in the log so a run that asked for the GPU and did not get it is visible."""
+    if cfg.decode != "cuda":
+        return False
+    if device.type == "cuda":
+        return True
+    log.warning("data.decode=cuda but this run has no CUDA device (%s): decoding in the CPU workers instead",
+                device)
+    return False
+
+
+class DeviceDecoder:
+    """Decode (and augment, when the workers drew parameters) a Batch's encoded samples on `device`."""
+
+    def __init__(self, image_size: int, interpolation: str, device: torch.device | str):
+        self.image_size, self.interpolation, self.device = image_size, interpolation, torch.device(device)
+
+    def __call__(self, batch: Batch) -> Batch:
+        """The batch with 3xHxW uint8 images on the device; a batch decoded in the workers passes as it is."""
+        encoded = batch.encoded
+        if encoded is None:
+            return batch
+        images, failures = self._decode(encoded)
+        kept = [index for index, image in enumerate(images) if image is not None]
+        decoded = [image for image in images if image is not None]
+        bad = [(encoded.urls[index], batch.keys[index], reason) for index, reason in failures]
+        for shard, key, reason in bad:
+            log.warning("skipping corrupt sample %s in %s: %s", key, shard, reason)
+        if not kept:
+            return dataclasses.replace(batch, images=torch.empty(0), labels=torch.empty(0), keys=[],
+                                       bad=batch.bad + bad, encoded=None)
+        stacked = torch.stack(decoded)
+        if encoded.params is not None:
+            stacked = augment_batch(stacked, encoded.params[kept], self.interpolation)
+        return dataclasses.replace(batch, images=stacked, labels=batch.labels[kept],
+                                   keys=[batch.keys[index] for index in kept], bad=batch.bad + bad, encoded=None)
+
+    def _decode(self, encoded: EncodedBatch) -> tuple[list[torch.Tensor | None], list[tuple[int, str]]]:
+        """Every payload as a 3xHxW uint8 tensor on the device (None where it failed), and why each failed."""
+        payloads = encoded.payloads()
+        images: list[torch.Tensor | None] = [None] * len(payloads)
+        jpegs = [index for index, shape in enumerate(encoded.shapes) if shape is None]
+        for index, shape in enumerate(encoded.shapes):
+            if shape is not None:
+                images[index] = payloads[index].view(shape).permute(2, 0, 1).to(self.device)
+        failures: list[tuple[int, str]] = []
+        if not jpegs:
+            return images, failures
+        try:
+            decoded = decode_jpeg([payloads[index] for index in jpegs], mode=ImageReadMode.RGB, device=self.device)
+            for index, image in zip(jpegs, decoded):
+                images[index] = image
+        except RuntimeError:
+            for index in jpegs:
+                images[index], reason = self._decode_one(payloads[index])
+                if reason is not None:
+                    failures.append((index, reason))
+        return images, failures
+
+    def _decode_one(self, payload: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
+        """One JPEG alone: on the device, else by PIL as the CPU path decodes it, else (None, the reason)."""
+        try:
+            return decode_jpeg(payload, mode=ImageReadMode.RGB, device=self.device), None
+        except RuntimeError:
+            pass
+        try:
+            pixels = np.asarray(decode_rgb(payload.numpy().tobytes(), self.image_size))
+        except Exception as error:  # what decode_batches counts as a corrupt sample on the CPU path
+            return None, f"{type(error).__name__}: {error}"
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).to(self.device), None

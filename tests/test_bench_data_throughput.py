@@ -1,0 +1,76 @@
+"""bench/data_throughput.py end to end at a toy size: the recipe it measures, and its per-core ceiling's arithmetic.
+
+The ceiling is checked against the printed one-thread costs by hand (cores x 1000 / per-image work), and the
+recipe against configs/airogs_v3.yaml read with yaml, not through the script or the product's config loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TOY = ["--n", "16", "--raw-size", "200", "--size", "64", "--repeats", "1", "--workers", "1", "--batch-size", "8"]
+
+
+def run_bench(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "bench/data_throughput.py", *TOY, "--no-record", "--workdir", str(workdir),
+                           *extra], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def number(pattern: str, text: str) -> float:
+    found = re.search(pattern, text)
+    assert found, f"{pattern!r} not in output:\n{text}"
+    return float(found.group(1))
+
+
+def toy_rows() -> list[str]:
+    lines = (REPO / "bench" / "RESULTS.md").read_text().splitlines()
+    return [line for line in lines if "16 synthetic JPEGs at 64 px" in line]
+
+
+def test_v3_recipe_with_build_time_clahe_against_its_per_core_ceiling(tmp_path):
+    """Default run: v3's augmentation, its CLAHE in the shards, (a) set against 1 core x 1 / its measured work."""
+    rows_before = toy_rows()
+    run = run_bench(tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    augment = yaml.safe_load((REPO / "configs" / "airogs_v3.yaml").read_text())["data"]["augment"]
+    header = next(line for line in run.stdout.splitlines() if line.startswith("16 images at 64 px"))
+    assert f"rotation {augment['rotation_deg']:g}" in header and f"zoom {augment['scale']:g}" in header, header
+    assert "hflip" in header and "vflip" in header and "CLAHE 2,8 at build" in header, header
+    manifest = json.loads((tmp_path / "shards-n16-s200-64-clahe" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["clahe"] == {"clip_limit": 2.0, "tile_grid": 8}
+    decoder = number(r"Decoder \(ours, whole sample\)\s+([\d.]+)", run.stdout)
+    hand_over = number(r"stack float \+ move to shared memory \(batch\)\s+([\d.]+)", run.stdout) / 32
+    ceiling = number(r"per-core ceiling of \(a\): 1 cores x 1/work = ([\d.]+) img/s", run.stdout)
+    assert ceiling == pytest.approx(1000 / (decoder + hand_over), rel=0.05)
+    ours = number(r"\(a\) ours \(TrainStream \+ make_loader\)\s+([\d.]+) img/s", run.stdout)
+    assert number(r"\(a\)/ceiling = ([\d.]+)", run.stdout) == pytest.approx(ours / ceiling, abs=0.01)
+    assert toy_rows() == rows_before
+
+
+def test_per_epoch_clahe_reads_raw_shards_and_times_clahe(tmp_path):
+    """--clahe epoch: raw shards (no CLAHE in the manifest), CLAHE timed as a stage of the workers' work."""
+    run = run_bench(tmp_path, "--clahe", "epoch")
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((tmp_path / "shards-n16-s200-64" / "manifest.json").read_text())
+    assert "clahe" not in manifest["preprocessing"]
+    assert number(r"CLAHE \(per sample\)\s+([\d.]+)", run.stdout) > 0
+    assert "CLAHE 2,8 at epoch" in run.stdout
+
+
+def test_fewer_images_than_a_batch_is_refused_in_one_line(tmp_path):
+    """--n below --batch-size would time an epoch of no batches: refused before any image is made."""
+    run = subprocess.run([sys.executable, "bench/data_throughput.py", "--n", "4", "--batch-size", "8", "--no-record",
+                          "--workdir", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "--n 4" in run.stderr, run.stderr
+    assert list(tmp_path.iterdir()) == []
