@@ -13,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,3 +76,24 @@ def test_fewer_images_than_a_batch_is_refused_in_one_line(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "--n 4" in run.stderr, run.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_candidate_hand_overs_compute_what_the_product_hands_over():
+    """The two candidate hand-overs the row times give the product's batch (torch.stack of
+    to_normalised_tensor), in shared memory: their costs compare like with like."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import data_throughput as bench
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from dist_train.data.augment import to_normalised_tensor
+
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (12, 10, 3), dtype=np.uint8) for _ in range(4)]
+    expected = torch.stack([to_normalised_tensor(p, bench.MEAN, bench.STD) for p in pixels])
+    uint8s = [torch.from_numpy(p.copy()).permute(2, 0, 1).contiguous() for p in pixels]
+    stacked = bench.stack_shared(list(expected))
+    normalised = bench.normalise_into_shared(uint8s, expected[0])
+    for batch in (stacked, normalised):
+        assert batch.is_shared() and batch.shape == expected.shape
+        torch.testing.assert_close(batch, expected)

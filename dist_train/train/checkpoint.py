@@ -20,6 +20,7 @@ and `decode` are the one codec for what JSON lacks (tensors, arrays, tuples in R
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -105,8 +106,11 @@ class Checkpointer:
         self._retain()
 
     def _failed(self, final: Path, error: BaseException) -> CheckpointError:
-        return CheckpointError(f"could not write checkpoint {final} ({one_line(error)}); the previous "
-                               f"checkpoint, {read_pointer(self.root / 'latest')}, is intact")
+        reason = one_line(error)
+        if os.strerror(errno.ENOSPC) not in reason:
+            reason += _full_disk(self.root)
+        return CheckpointError(f"could not write checkpoint {final} ({reason}); the previous checkpoint, "
+                               f"{read_pointer(self.root / 'latest')}, is intact")
 
     def restore(self, folder: Path, saved: dict[str, Any], engine: Engine, parts: Mapping[str, Stateful],
                 rank_parts: Mapping[str, Stateful]) -> None:
@@ -173,6 +177,22 @@ def decode(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------- files
+
+
+FULL_DISK_BYTES = 1 << 20
+"""Free space below which a failed write is reported as a full disk."""
+
+
+def _full_disk(folder: Path) -> str:
+    """'; No space left on device (N bytes free on FOLDER)' when the disk is full, else ''.
+
+    A short write inside torch's own file writer (torch.save, which DCP uses for some items) surfaces as
+    "unexpected pos ..." with the errno lost; the free space says what happened."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f"; {os.strerror(errno.ENOSPC)} ({free} bytes free on {folder})" if free < FULL_DISK_BYTES else ""
 
 
 def _write_durable(path: Path, text: str) -> None:

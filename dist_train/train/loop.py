@@ -141,7 +141,7 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Train from the current state to the last epoch (or an early stop); returns the summary."""
-        exit_code = 1
+        exit_code, preempted = 1, False
         try:
             for epoch in range(self.state.epoch, self.cfg.train.epochs):
                 stats = self.train_epoch(epoch)
@@ -150,12 +150,12 @@ class Trainer:
             exit_code = 0
             return self.summary()
         except preemption.Preempted:
-            exit_code = 0
+            exit_code, preempted = 0, True
             raise
         finally:
             self.tracker.finish(self.summary(), exit_code=exit_code)
-            if self.env.is_main and self.cfg.tracking.html_report:
-                self._write_report()
+            if self.env.is_main and self.cfg.tracking.html_report and not preempted:
+                self._write_report()  # not in a preemption's grace period: the requeued run writes it
 
     def _write_report(self) -> None:
         """The self-contained HTML report; a failure here must not fail a finished run."""

@@ -146,3 +146,27 @@ def test_training_above_the_shards_size_warns_with_the_rebuild_command(synthetic
     warnings = [r["message"] for r in history(trainer.run_dir) if r["kind"] == "warning"]
     assert any("larger than the 48 px" in w and "--size 64" in w for w in warnings), warnings
     assert summary["warnings"] == warnings
+
+
+def test_a_preempted_run_leaves_the_report_to_the_run_that_finishes(make_shards, tmp_path):
+    """The report (export + Grad-CAM on the CPU) would eat into a preemption's grace period; the
+    requeued run that finishes writes it."""
+    from dist_train.train import preemption
+
+    def noticed_loader(dataset, *args):
+        for index, batch in enumerate(make_loader(dataset, *args)):
+            if index == 1:
+                preemption.request()
+            yield batch
+
+    cfg = tiny(make_shards(), tmp_path, "train.epochs=1", "tracking.html_report=true")
+    try:
+        with pytest.raises(preemption.Preempted):
+            Trainer(cfg, DistEnv(), loader_factory=noticed_loader).train()
+    finally:
+        preemption.clear()
+    checkpoints = cfg.run_dir / "checkpoints"
+    saved = checkpoints / str(read_pointer(checkpoints / "latest"))
+    assert saved.is_dir() and not (cfg.run_dir / "report.html").exists()
+    Trainer(cfg, DistEnv(), resume_from=saved).train()
+    assert (cfg.run_dir / "report.html").is_file()
