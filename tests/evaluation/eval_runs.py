@@ -7,10 +7,14 @@ session fixture imported into two modules twice).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -40,3 +44,20 @@ def _run(*args: str, umask: int | None = None) -> None:
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300, env=env,
                             preexec_fn=None if umask is None else (lambda: os.umask(umask)))
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def load_cli(name: str) -> ModuleType:
+    """launch/<name>.py as a module, so a test can call its `main(argv)` in this process."""
+    spec = importlib.util.spec_from_file_location(f"cli_{name}", REPO / "launch" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def call(cli: ModuleType, *argv: object) -> tuple[int, str, str]:
+    """The command's own entry function in this process: its exit code, stdout and stderr."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli.main([str(a) for a in argv])
+    return code, stdout.getvalue(), stderr.getvalue()

@@ -8,11 +8,8 @@ the β point of those means), hand-made Scores for the combination rule, and the
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
-import importlib.util
-import io
 import json
 import shutil
 import subprocess
@@ -21,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from eval_runs import OTHER_RUN, TRAINED_RUN, trained_export
+from eval_runs import OTHER_RUN, TRAINED_RUN, call, load_cli, trained_export
 from sklearn.metrics import roc_curve
 
 from dist_train.errors import CoverageError
@@ -31,27 +28,13 @@ from dist_train.evaluation.scoring import Scores
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_cli(name: str):
-    spec = importlib.util.spec_from_file_location(f"ensemble_cli_{name}", REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-predict_cli, evaluate_cli = _load_cli("predict"), _load_cli("evaluate")
+predict_cli, evaluate_cli = load_cli("predict"), load_cli("evaluate")
 
 
 def _run(*args: object) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def _call(cli, *argv: object) -> tuple[int, str, str]:
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = cli.main([str(a) for a in argv])
-    return code, stdout.getvalue(), stderr.getvalue()
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -178,7 +161,7 @@ def test_an_image_no_member_can_read_is_one_row_with_its_error(evaluated, alone,
     folder = _val_images(synthetic_shards, tmp_path)
     broken = sorted(p.stem for p in folder.iterdir())[1]
     (folder / f"{broken}.jpg").write_bytes(b"")
-    code, stdout, stderr = _call(predict_cli, "--model", out / "ensemble.json", "--images", folder,
+    code, stdout, stderr = call(predict_cli, "--model", out / "ensemble.json", "--images", folder,
                                  "--out", tmp_path / "p.csv", "--progress", "none")
     assert code == 3, stderr
     rows = _rows(tmp_path / "p.csv")
@@ -197,7 +180,7 @@ def test_evaluate_with_the_ensemble_file_reports_at_its_threshold_and_chooses_no
     """On another labelled set the ensemble's threshold is applied, not chosen again."""
     out, _ = evaluated
     threshold = json.loads((out / "ensemble.json").read_text())["threshold"]
-    code, stdout, stderr = _call(evaluate_cli, "--model", out / "ensemble.json", "--shards",
+    code, stdout, stderr = call(evaluate_cli, "--model", out / "ensemble.json", "--shards",
                                  f"{synthetic_shards}/val-*.tar", "--out", tmp_path / "eval", "--bootstrap", "0",
                                  "--progress", "none")
     assert code == 0, stderr
@@ -213,7 +196,7 @@ def test_evaluate_with_the_ensemble_file_reports_at_its_threshold_and_chooses_no
 
 
 def test_predict_with_bare_exports_and_a_threshold_averages_them(members, alone, synthetic_shards, tmp_path):
-    code, stdout, stderr = _call(predict_cli, "--model", members[0], "--model", members[1], "--shards",
+    code, stdout, stderr = call(predict_cli, "--model", members[0], "--model", members[1], "--shards",
                                  f"{synthetic_shards}/val-*.tar", "--out", tmp_path / "p.csv", "--threshold", "0.5",
                                  "--progress", "none")
     assert code == 0, stderr
@@ -284,7 +267,7 @@ def test_predict_refuses_bad_members_in_one_line_before_any_work(members, synthe
     extra = ["--threshold", "1.5"] if case == "threshold_range" else []
     argv = [arg for model in models for arg in ("--model", model)]
     out = tmp_path / "p.csv"
-    code, stdout, stderr = _call(predict_cli, *argv, "--shards", f"{synthetic_shards}/val-*.tar", "--out", out, *extra)
+    code, stdout, stderr = call(predict_cli, *argv, "--shards", f"{synthetic_shards}/val-*.tar", "--out", out, *extra)
     assert code == 2, stderr
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error:"), stderr
     named = {"bare_without_threshold": "evaluate.py", "missing_member": "nope.safetensors",
@@ -299,7 +282,7 @@ def test_evaluate_keeps_an_earlier_ensemble_file_without_overwrite(members, synt
     out = tmp_path / "eval"
     out.mkdir()
     (out / "ensemble.json").write_text("the user's earlier ensemble\n")
-    code, _, stderr = _call(evaluate_cli, "--model", members[0], "--model", members[1], "--shards",
+    code, _, stderr = call(evaluate_cli, "--model", members[0], "--model", members[1], "--shards",
                             f"{synthetic_shards}/val-*.tar", "--out", out, "--bootstrap", "0")
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and "--overwrite" in stderr, stderr
     assert (out / "ensemble.json").read_text() == "the user's earlier ensemble\n" and len(list(out.iterdir())) == 1

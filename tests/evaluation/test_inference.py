@@ -6,10 +6,7 @@ synthetic set's own labels CSV with sklearn's metrics, and the files themselves 
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import importlib.util
-import io
 import json
 import os
 import shutil
@@ -19,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from eval_runs import TRAINED_RUN, trained_export
+from eval_runs import TRAINED_RUN, call, load_cli, trained_export
 from sklearn.metrics import roc_auc_score
 
 from conftest import write_shards
@@ -29,14 +26,7 @@ COLUMNS = ["id", "label", "likelihood", "referable_glaucoma", "error"]
 """The one header every prediction CSV has, written out here by hand as the README documents it."""
 
 
-def _load_cli(name: str):
-    spec = importlib.util.spec_from_file_location(f"cli_{name}", REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-predict_cli, evaluate_cli, export_cli = _load_cli("predict"), _load_cli("evaluate"), _load_cli("export")
+predict_cli, evaluate_cli, export_cli = load_cli("predict"), load_cli("evaluate"), load_cli("export")
 
 
 def _run(*args: str, umask: int | None = None) -> subprocess.CompletedProcess:
@@ -44,14 +34,6 @@ def _run(*args: str, umask: int | None = None) -> subprocess.CompletedProcess:
                             preexec_fn=None if umask is None else (lambda: os.umask(umask)))
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def _call(cli, *argv) -> tuple[int, str, str]:
-    """The command's own entry function in this process: its exit code, stdout and stderr."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = cli.main([str(a) for a in argv])
-    return code, stdout.getvalue(), stderr.getvalue()
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -132,7 +114,7 @@ def test_export_refuses_an_out_that_is_not_a_safetensors_file(trained_run, tmp_p
     """A folder, or a .json name the sidecar would overwrite: refused before the checkpoint is read."""
     before = sorted(tmp_path.iterdir())
     target = tmp_path if out == "folder" else tmp_path / out
-    code, stdout, stderr = _call(export_cli, trained_run, "--out", target)
+    code, stdout, stderr = call(export_cli, trained_run, "--out", target)
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and ".safetensors" in stderr, stderr
     assert sorted(tmp_path.iterdir()) == before
 
@@ -157,7 +139,7 @@ def test_predict_on_validation_shards_reproduces_the_logged_scores(trained_run, 
 
 def test_predict_on_shards_skips_a_corrupt_sample_into_its_row(trained_run, tmp_path):
     write_shards(tmp_path / "shards", "val", [6], corrupt={"val-00-0002"})
-    code, stdout, stderr = _call(predict_cli, "--model", trained_run, "--shards", f"{tmp_path}/shards/val-*.tar",
+    code, stdout, stderr = call(predict_cli, "--model", trained_run, "--shards", f"{tmp_path}/shards/val-*.tar",
                                  "--out", tmp_path / "p.csv", "--progress", "none")
     assert code == 3, stderr
     skipped = _lines(stderr, "skipped")
@@ -170,7 +152,7 @@ def test_predict_on_shards_skips_a_corrupt_sample_into_its_row(trained_run, tmp_
 
 def test_predict_on_raw_images_matches_the_shards(trained_run, val_images, logged, tmp_path):
     folder = _folder(tmp_path, val_images)
-    code, stdout, stderr = _call(predict_cli, "--model", trained_run, "--images", folder, "--out", tmp_path / "p.csv")
+    code, stdout, stderr = call(predict_cli, "--model", trained_run, "--images", folder, "--out", tmp_path / "p.csv")
     assert code == 0, stderr
     predicted = _scores(tmp_path / "p.csv")
     assert sorted(predicted) == sorted(val_images)
@@ -181,7 +163,7 @@ def test_predict_skips_unreadable_images_names_them_and_exits_3(trained_run, val
     folder = _folder(tmp_path, val_images)
     keys = sorted(val_images)
     cut, blank = _break(folder, keys[2], keys[5])
-    code, stdout, stderr = _call(predict_cli, "--model", trained_run, "--images", folder, "--out", tmp_path / "p.csv",
+    code, stdout, stderr = call(predict_cli, "--model", trained_run, "--images", folder, "--out", tmp_path / "p.csv",
                                  "--progress", "none")
     assert code == 3, stderr
     skipped = _lines(stderr, "skipped")
@@ -201,7 +183,7 @@ def test_predict_ids_are_paths_under_images_so_equal_names_stay_apart(trained_ru
     for day, key in (("day1", first), ("day2", second)):
         (tmp_path / "in" / day).mkdir(parents=True)
         shutil.copyfile(val_images[key], tmp_path / "in" / day / "img001.jpg")
-    code, _, stderr = _call(predict_cli, "--model", trained_run, "--images", tmp_path / "in", "--out",
+    code, _, stderr = call(predict_cli, "--model", trained_run, "--images", tmp_path / "in", "--out",
                             tmp_path / "p.csv")
     assert code == 0, stderr
     predicted = _scores(tmp_path / "p.csv")
@@ -212,7 +194,7 @@ def test_predict_ids_are_paths_under_images_so_equal_names_stay_apart(trained_ru
 
 def test_predict_shows_progress_on_stderr(trained_run, val_images, tmp_path):
     folder = _folder(tmp_path, val_images)
-    code, stdout, stderr = _call(predict_cli, "--model", trained_run, "--images", folder, "--out", tmp_path / "p.csv",
+    code, stdout, stderr = call(predict_cli, "--model", trained_run, "--images", folder, "--out", tmp_path / "p.csv",
                                  "--progress", "plain", "--batch-size", "4")
     assert code == 0, stderr
     assert any("12/12" in line for line in stderr.splitlines()), stderr
@@ -235,7 +217,7 @@ def test_predict_bad_input_exits_2_in_one_line_before_any_work(trained_run, val_
         out.write_text("the user's earlier predictions\n")
     if case == "out_is_dir":
         out = tmp_path
-    code, stdout, stderr = _call(predict_cli, "--model", model, *args, "--out", out, *extra)
+    code, stdout, stderr = call(predict_cli, "--model", model, *args, "--out", out, *extra)
     assert code == 2, stderr
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error:"), stderr
     named = {"no_folder": "nowhere", "no_images": str(no_images), "no_model": "missing.safetensors",
@@ -269,7 +251,7 @@ def test_evaluate_reads_labels_as_the_shard_builder_does(trained_run, val_images
     wanted = {key: true_labels[key] for key in val_images}
     assert 0 < sum(wanted.values()) < len(wanted), "the oracle needs both classes"
     labels = _labels_csv(tmp_path / "labels.csv", {**true_labels}, names)
-    code, stdout, stderr = _call(evaluate_cli, "--model", trained_run, "--images", folder, "--labels", labels,
+    code, stdout, stderr = call(evaluate_cli, "--model", trained_run, "--images", folder, "--labels", labels,
                                  "--out", tmp_path / "eval", "--bootstrap", "0")
     assert code == 0, stderr
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
@@ -285,7 +267,7 @@ def test_evaluate_skips_unreadable_images_and_exits_3(trained_run, val_images, t
     keys = sorted(val_images, key=lambda k: (true_labels[k], k))  # two NRG images break, the RG ones stay
     _break(folder, keys[0], keys[1])
     labels = _labels_csv(tmp_path / "labels.csv", true_labels)
-    code, stdout, stderr = _call(evaluate_cli, "--model", trained_run, "--images", folder, "--labels", labels,
+    code, stdout, stderr = call(evaluate_cli, "--model", trained_run, "--images", folder, "--labels", labels,
                                  "--out", tmp_path / "eval", "--bootstrap", "0", "--progress", "none")
     assert code == 3, stderr
     assert len(_lines(stderr, "skipped")) == 2
@@ -301,11 +283,11 @@ def test_evaluate_refuses_images_without_a_row_unless_skip_missing(trained_run, 
     labels = _labels_csv(tmp_path / "labels.csv", {k: v for k, v in true_labels.items() if k not in keys[:3]})
     argv = ["--model", trained_run, "--images", folder, "--labels", labels, "--out", tmp_path / "eval",
             "--bootstrap", "0"]
-    code, _, stderr = _call(evaluate_cli, *argv)
+    code, _, stderr = call(evaluate_cli, *argv)
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert "3 images" in stderr and keys[0] in stderr and "--skip-missing" in stderr
     assert not (tmp_path / "eval").exists()
-    code, stdout, stderr = _call(evaluate_cli, *argv, "--skip-missing")
+    code, stdout, stderr = call(evaluate_cli, *argv, "--skip-missing")
     assert code == 0, stderr
     assert "3 images" in stderr and keys[0] in stderr
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
@@ -336,7 +318,7 @@ def test_evaluate_bad_input_exits_2_in_one_line_before_creating_out(trained_run,
             "no_labels_file": ["--images", folder, "--labels", tmp_path / "nolabels.csv"],
             "labels_without_images": ["--labels", labels, "--shards", "x-*.tar"]}.get(
         case, ["--images", folder, "--labels", labels])
-    code, stdout, stderr = _call(evaluate_cli, "--model", trained_run, *args, "--out", out)
+    code, stdout, stderr = call(evaluate_cli, "--model", trained_run, *args, "--out", out)
     assert code == 2, stderr
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error:"), stderr
     named = {"wrong_header": "challenge_id", "unknown_class": "RG", "no_folder": "nowhere", "empty_folder": ".jpg",
