@@ -2,7 +2,7 @@
 
 The DataLoader workers run the very same streams as on the CPU path (so samples, order, quotas, resume
 positions and exactly-once validation are the CPU path's) but stop after reading bytes and drawing each
-sample's augmentation parameters (`stream.Decoder(on_device=True)`). Here nvJPEG decodes the whole
+sample's augmentation parameters (`decode.Decoder(on_device=True)`). Here nvJPEG decodes the whole
 batch in one call (`torchvision.io.decode_jpeg(list, device=...)`) and `augment.augment_batch` applies the
 worker's parameters; `augment.Normaliser` follows, as for every GPU run. The same code runs with device
 "cpu" (libjpeg), which is how the tests compare it with the CPU path.
@@ -27,7 +27,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from dist_train.config import DataConfig
 from dist_train.data.augment import augment_batch
-from dist_train.data.stream import Batch, EncodedBatch, decode_rgb
+from dist_train.data.decode import EncodedBatch, decode_rgb
+from dist_train.data.stream import Batch
 
 log = logging.getLogger(__name__)
 

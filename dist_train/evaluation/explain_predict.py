@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from dist_train.data.decode import Decoder
 from dist_train.data.preprocess import raw_image_clahe
-from dist_train.data.stream import Decoder, iterate_shard
+from dist_train.data.stream import iterate_shard
 from dist_train.data.transforms import BadImageError
 from dist_train.errors import DataError
 from dist_train.evaluation.explain import write_overlays

@@ -22,8 +22,9 @@ from safetensors.torch import save
 from torch import nn
 
 from dist_train.config import DataConfig, config_from_dict
+from dist_train.data.decode import Decoder
 from dist_train.data.preprocess import Clahe, export_clahe, prediction_clahe, raw_image_clahe, shards_clahe
-from dist_train.data.stream import Decoder, EvalStream, make_loader
+from dist_train.data.stream import EvalStream, make_loader
 from dist_train.data.transforms import BadImageError, load_fundus, shard_jpeg
 from dist_train.errors import CheckpointError, UserError
 from dist_train.evaluation.scoring import Scores, score_stream

@@ -22,12 +22,12 @@ from torch.utils.data import IterableDataset
 from dist_train import faults
 from dist_train.config import Config, DataConfig, to_dict
 from dist_train.data.augment import Augmenter, Normaliser
+from dist_train.data.decode import Decoder
 from dist_train.data.gpu_decode import DeviceDecoder, decodes_on_device
 from dist_train.data.manifest import shard_preprocessing, split_counts, verify_against_manifest
 from dist_train.data.preprocess import clahe_plan
 from dist_train.data.stream import (
     Batch,
-    Decoder,
     EvalStream,
     TrainStream,
     make_loader,
