@@ -80,8 +80,10 @@ def measure_engine(kind: str, smoke: bool, workdir: Path) -> dict:
     """Losses, images/s and peak memory of `steps` optimizer steps on fixed random batches (in this process)."""
     from gpu_throughput import build_trainer, ensure_shards, synchronize
 
-    size, batch, steps = (32, 4, 4) if smoke else (384, 64, 30)
+    size, batch, steps = (64, 8, 4) if smoke else (384, 64, 30)
     device_name = "cpu" if smoke or not torch.cuda.is_available() else "cuda"
+    if device_name == "cpu":  # one thread: both engines then sum in the same order, as one GPU's kernels do
+        torch.set_num_threads(1)
     args = SimpleNamespace(image_size=size, batch_size=batch, steps=steps, workers=0, clahe=False, compile=False,
                            workdir=str(workdir), engine=kind)
     trainer = build_trainer(args, ensure_shards(workdir, 32, size), device_name)
