@@ -26,6 +26,7 @@ from pathlib import Path
 
 from dist_train.cli_help import ArgumentParser
 from dist_train.data.manifest import split_counts
+from dist_train.data.preprocess import ClaheError
 from dist_train.errors import DataError
 from dist_train.evaluation import metrics
 from dist_train.evaluation.ensemble import (
@@ -95,7 +96,9 @@ def main(argv: list[str]) -> int:
         checked = check_models(args)
         check_out_folder(args.out, _written(checked), args.overwrite)
         models = load_models(checked, args)
-    except (InputError, ShardInputError, DataError) as error:
+        if isinstance(source, list):
+            models.check_shards(source)
+    except (InputError, ShardInputError, DataError, ClaheError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if isinstance(source, LabelledImages) and source.unlabelled_warning:

@@ -70,8 +70,7 @@ def main(argv: list[str]) -> int:
         source = resolve_shards(args.shards) if args.shards else list_images(args.images)
         models = load_models(checked, args)
         if isinstance(source, list):
-            for member in models.members:
-                member.shards_decoder(source)
+            models.check_shards(source)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -62,9 +62,14 @@ class Ensemble:
     def score_shards(self, urls: list[str], total: int, batch_size: int = 64, workers: int = 0,
                      progress: str = "none") -> Scores:
         """Every member over the same shards, then combined (see `combine`); every member's input checked first."""
+        self.check_shards(urls)
+        return self._each(lambda member, desc: member.score_shards(urls, total, batch_size, workers, progress, desc))
+
+    def check_shards(self, urls: list[str]) -> None:
+        """ClaheError (exit 2) when the shards are equalised unlike some member's training input: the CLIs
+        call it among their input checks, before any member scores."""
         for member in self.members:
             member.shards_decoder(urls)
-        return self._each(lambda member, desc: member.score_shards(urls, total, batch_size, workers, progress, desc))
 
     def describe(self) -> str:
         """The log line naming the members and the threshold, so an output says what produced it."""

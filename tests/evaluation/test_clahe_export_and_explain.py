@@ -104,6 +104,18 @@ def test_clahe_shards_for_a_model_trained_without_clahe_are_refused_in_one_line(
     assert not (tmp_path / "p.csv").exists()
 
 
+def test_evaluate_refuses_clahe_shards_for_a_model_trained_without_clahe_in_one_line(clahe_shards, synthetic_shards,
+                                                                                     tmp_path_factory, tmp_path):
+    plain = trained_export(tmp_path_factory, synthetic_shards, "other", *OTHER_RUN)
+    run = subprocess.run([sys.executable, "launch/evaluate.py", "--model", str(plain), "--shards",
+                          f"{clahe_shards}/val-*.tar", "--out", str(tmp_path / "eval"), "--progress", "none"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "built with --clahe 2,8" in lines[0] and "without --clahe" in lines[0], run.stderr
+    assert not (tmp_path / "eval").exists()
+
+
 def test_explain_writes_one_overlay_per_scored_image(clahe_run, clahe_shards, tmp_path):
     folder = val_folder(clahe_shards, tmp_path)
     unreadable = sorted(folder.iterdir())[0]
