@@ -12,10 +12,12 @@ should not pay for torch to print its --help.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import fcntl
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         preemption.install_handlers()  # before any DataLoader worker forks: workers inherit and ignore them
     from dist_train.train import distributed
 
+    faulthandler.enable()  # a rank that dies of a signal (a C++ abort in a backend) says where, in its log
     env = distributed.init_distributed(cfg.train.device, cfg.engine.timeout_s, always=cfg.engine.kind == "deepspeed")
     _setup_logging(env)
     try:
@@ -219,6 +222,8 @@ def _claim_on_main(cfg: Config, env: DistEnv, resume: str) -> tuple[IO[str] | No
             lock = _lock_run_dir(cfg.run_dir)
             if resume == "none" and has_history(cfg.run_dir):
                 lock = _start_afresh(cfg.run_dir, lock)
+            elif resume == "auto":
+                _set_aside_history_without_checkpoint(cfg.run_dir)
             save_config(cfg, cfg.run_dir / "config.yaml")
             verdict = (None, allowed)
         except (RunLocked, ResumeRefused) as error:
@@ -246,6 +251,25 @@ def _start_afresh(run_dir: Path, lock: IO[str]) -> IO[str]:
     lock.close()
     log.warning("--resume none: moved the earlier run in %s aside to %s; this run starts afresh", run_dir, moved)
     return fresh
+
+
+def _set_aside_history_without_checkpoint(run_dir: Path) -> None:
+    """--resume auto with a metrics history but no checkpoint (an attempt that ended before its first one):
+    this run starts at step 0, so its records would follow that attempt's; the history moves aside whole.
+    Only the history: under submitit the directory also holds this very job's logs."""
+    from dist_train.train import checkpoint
+
+    history = run_dir / "metrics.jsonl"
+    if not history.is_file() or checkpoint.resolve_resume("auto", run_dir) is not None:
+        return
+    stamp, attempt = time.strftime("%Y%m%d-%H%M%S"), 1
+    moved = history.with_name(f"metrics.{stamp}.jsonl")
+    while moved.exists():
+        attempt += 1
+        moved = history.with_name(f"metrics.{stamp}-{attempt}.jsonl")
+    os.rename(history, moved)
+    log.warning("--resume auto: no checkpoint in %s to resume; this run starts at step 0 and the earlier "
+                "attempt's history moved to %s", run_dir, moved)
 
 
 def _lock_run_dir(run_dir: Path) -> IO[str]:

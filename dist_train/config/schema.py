@@ -121,6 +121,11 @@ class ModelConfig:
     global_pool: Literal["avg", "max", "avgmax", "token"] | None = None
     """timm's pooling of the backbone's features; None keeps the model's own (a ViT's class token, a CNN's avg).
     RETFound fine-tunes with avg (mean of the patch tokens, then fc_norm)."""
+    normalize: Literal["timm", "imagenet", "inception"] = "timm"
+    """The mean/std images are normalised with, which must be what `pretrained`'s weights were trained with.
+    'timm': what timm's config for the backbone says (right for timm's own weights); 'imagenet': mean
+    (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225), as RETFound MAE; 'inception': 0.5 and 0.5, as
+    RETFound-Green. Exports record the values, so prediction uses what training used."""
     channels_last: bool = False
     compile: bool = False
     """torch.compile the model (GPU runs)."""

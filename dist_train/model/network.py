@@ -46,6 +46,10 @@ IMG_SIZE_MODULES = ("vision_transformer", "vision_transformer_hybrid", "vision_t
                     "eva", "beit")
 """timm modules whose models take img_size: their position embeddings are sized by it at build time."""
 
+NORMALIZATIONS = {"imagenet": (timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD),
+                  "inception": (timm.data.IMAGENET_INCEPTION_MEAN, timm.data.IMAGENET_INCEPTION_STD)}
+"""`model.normalize` -> (mean, std), by timm's names for them; 'timm' asks timm's config for the backbone."""
+
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
@@ -56,10 +60,11 @@ class GlaucomaNet(nn.Module):
     """A timm model: num_features, no_weight_decay() and pretrained_cfg are timm's, beyond nn.Module's types."""
     head: nn.Sequential
 
-    def __init__(self, backbone: nn.Module, head: nn.Sequential):
+    def __init__(self, backbone: nn.Module, head: nn.Sequential, normalize: str = "timm"):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.normalize = normalize
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of shape [B] (squeezed on the last axis only, so a batch of one stays 1-D)."""
@@ -67,7 +72,12 @@ class GlaucomaNet(nn.Module):
 
     @property
     def data_config(self) -> dict[str, tuple[float, ...]]:
-        """The backbone's normalisation (mean, std), as timm resolves it for its pretrained weights."""
+        """The input normalisation (mean, std): as timm resolves it for the backbone's pretrained weights, or
+        the constants `model.normalize` names for weights trained elsewhere (timm's config for
+        vit_large_patch16_224 says 0.5 where RETFound MAE used ImageNet's, and the reverse for RETFound-Green)."""
+        if self.normalize in NORMALIZATIONS:
+            mean, std = NORMALIZATIONS[self.normalize]
+            return {"mean": tuple(mean), "std": tuple(std)}
         resolved = timm.data.resolve_data_config({}, model=self.backbone)
         return {"mean": tuple(resolved["mean"]), "std": tuple(resolved["std"])}
 
@@ -89,7 +99,7 @@ def build_model(cfg: ModelConfig, image_size: int | None = None) -> GlaucomaNet:
 def _bare_model(cfg: ModelConfig, image_size: int | None) -> GlaucomaNet:
     """Backbone (with cached timm weights, if that is what `cfg.pretrained` names) and head, no file loaded."""
     backbone = _create_backbone(cfg, image_size)
-    return GlaucomaNet(backbone, build_head(cast(int, backbone.num_features), cfg))
+    return GlaucomaNet(backbone, build_head(cast(int, backbone.num_features), cfg), cfg.normalize)
 
 
 class Float32Linear(nn.Linear):

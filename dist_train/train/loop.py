@@ -70,7 +70,8 @@ LoaderFactory = Callable[..., Iterable[Batch]]
 def training_loader(dataset: IterableDataset, cfg: DataConfig, pin_memory: bool,
                     timeout_s: float = 0) -> Iterable[Batch]:
     """`make_loader` with workers that outlive a preemption notice (SLURM signals every process of a step)."""
-    return make_loader(dataset, cfg, pin_memory, timeout_s, worker_init_fn=preemption.ignore_in_worker)
+    loader = make_loader(dataset, cfg, pin_memory, timeout_s, worker_init_fn=preemption.ignore_in_worker)
+    return preemption.WorkersIgnoreNotices(loader)
 
 
 class Trainer:

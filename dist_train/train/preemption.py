@@ -19,11 +19,15 @@ import atexit
 import multiprocessing
 import os
 import signal
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from types import FrameType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 NOTICE_SIGNAL = signal.SIGUSR2
 """What SLURM and submitit send as a preemption or time-limit notice."""
+_NOTICES = {NOTICE_SIGNAL, signal.SIGTERM}
+T = TypeVar("T")
 
 
 class Preempted(Exception):
@@ -84,9 +88,36 @@ def ignore_in_worker(worker_id: int = 0) -> None:
     """A DataLoader worker's `worker_init_fn`: the worker ignores notices, SIGTERM included.
 
     SLURM signals every process of a job step, workers too; a worker that died of it would fail its
-    rank before the rank could checkpoint. The rank ends its workers itself, and they exit with it."""
+    rank before the rank could checkpoint. The rank ends its workers itself, and they exit with it.
+    A notice that came while the worker started (`WorkersIgnoreNotices` held it) is discarded here."""
     signal.signal(NOTICE_SIGNAL, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _NOTICES)
+
+
+@contextmanager
+def notices_held() -> Iterator[None]:
+    """Hold notices back in this thread (they stay pending and arrive at the end), and in what it forks."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _NOTICES)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+class WorkersIgnoreNotices(Generic[T]):
+    """A DataLoader (with `ignore_in_worker`) whose workers fork with the notices held back.
+
+    Between its fork and `ignore_in_worker` a worker still has the rank's handler, which lets a SIGTERM
+    kill it (as it must for a multiprocessing pool): a notice in that window, when SLURM signals every
+    process of the step just as a loader starts its workers, failed the rank instead of checkpointing."""
+
+    def __init__(self, loader: Iterable[T]):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[T]:
+        with notices_held():
+            return iter(self.loader)
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:

@@ -28,9 +28,10 @@ from dist_train.errors import UserError
 from dist_train.redact import scrub_secrets
 
 BLOCKING_KEYS = frozenset({"model.backbone", "model.head_widths", "model.head_batchnorm", "model.global_pool",
-                           "engine.kind", "engine.zero_stage", "optim.name"})
+                           "model.normalize", "engine.kind", "engine.zero_stage", "optim.name"})
 """Changes a checkpoint cannot be loaded into: other tensor names or shapes, another engine layout
-(DCP vs DeepSpeed, ZeRO partitioning), another optimizer's state (SGD's momentum is not Adam's moments)."""
+(DCP vs DeepSpeed, ZeRO partitioning), another optimizer's state (SGD's momentum is not Adam's moments),
+other features for the same weights (another pooling or input normalisation)."""
 
 _PHASE_TRAIN = re.compile(r"unfreeze\.phases\[\d+\]\.train")
 """The optimizer's parameter groups follow the phases that train them: another split is another state."""
@@ -47,8 +48,12 @@ class ResumeRefused(UserError, RuntimeError):
 
 def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(blocking, allowed): every differing dotted key as `key: old -> new`, split by whether the
-    checkpoint written under `saved` can still be loaded and trained on under `new`."""
-    old_flat, new_flat = flatten(saved), flatten(new)
+    checkpoint written under `saved` can still be loaded and trained on under `new`.
+
+    A key `saved` lacks (a checkpoint from before the option existed) holds the option's default, since an
+    option is added with a default that keeps what came before it: a checkpoint written before
+    model.normalize resumes unless the new run asks for another normalisation."""
+    old_flat, new_flat = {**_option_defaults(), **flatten(saved)}, flatten(new)
     keys = list(new_flat) + [key for key in old_flat if key not in new_flat]
     blocking: list[str]
     allowed: list[str]
@@ -60,6 +65,11 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> tuple[list[str
         change = f"{key}: {_show(old)} -> {_show(now)}"
         (blocking if _blocks(key, old, now, new) else allowed).append(change)
     return blocking, allowed
+
+
+def _option_defaults() -> dict[str, Any]:
+    """Every option's default, by dotted key; not the unfreeze phases, whose count belongs to each config."""
+    return {key: value for key, value in flatten(comparable(Config())).items() if "[" not in key}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

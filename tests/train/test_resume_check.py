@@ -97,7 +97,18 @@ def test_layer_decay_on_or_off_blocks_but_another_value_does_not(saved):
         ([], ["optim.layer_decay: 0.65 -> 0.75"])
     before_the_option = copy.deepcopy(saved)
     del before_the_option["optim"]["layer_decay"]
-    assert config_changes(before_the_option, saved) == ([], ["optim.layer_decay: (unset) -> null"])
+    assert config_changes(before_the_option, saved) == ([], [])
+    assert config_changes(before_the_option, decayed) == (["optim.layer_decay: null -> 0.65"], [])
+
+
+def test_a_checkpoint_from_before_an_option_resumes_under_its_default(saved):
+    """A key the saved config lacks is the option's default (before, 'model.normalize: (unset) -> timm' refused
+    every checkpoint written before the option); another value than the default still blocks."""
+    before_the_option = copy.deepcopy(saved)
+    del before_the_option["model"]["normalize"], before_the_option["model"]["global_pool"]
+    assert config_changes(before_the_option, saved) == ([], [])
+    assert config_changes(before_the_option, changed(saved, model__normalize="imagenet")) == \
+        (["model.normalize: timm -> imagenet"], [])
 
 
 def test_compile_never_blocks(saved):
@@ -212,3 +223,21 @@ def test_a_fresh_start_moves_the_earlier_run_aside_whole(copied):
     train_steps = [record["step"] for record in new_records if record["kind"] == "train"]
     assert train_steps == [1, 2], "the fresh run's history is not a single history of its own"
     assert len(old_records) > 0 and not [r for r in new_records if r["kind"] == "resume"]
+
+
+def test_resume_auto_without_a_checkpoint_sets_the_earlier_history_aside(trial, tmp_path):
+    """An attempt that ended before its first checkpoint left a metrics.jsonl; the rerun starts at step 0.
+    Before, its records were appended after that attempt's, so the history showed steps 1, 2 twice."""
+    shards, _ = trial
+    run_dir = tmp_path / "runs" / "test_tiny"
+    run_dir.mkdir(parents=True)
+    earlier = '{"kind": "train", "step": 1, "epoch": 0, "loss": 0.7}\n'
+    (run_dir / "metrics.jsonl").write_text(earlier)
+    result = train(shards, tmp_path / "runs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    aside = sorted(run_dir.glob("metrics.*.jsonl"))
+    assert len(aside) == 1 and aside[0].read_text() == earlier
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[0] == 1, steps
+    assert any("history moved to" in line and str(aside[0]) in line for line in result.stderr.splitlines())

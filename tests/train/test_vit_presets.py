@@ -142,3 +142,24 @@ def test_scaled_down_green_trains_and_resumes(make_shards, tmp_path):
     records = train_records(resumed.run_dir)
     assert resumed.state.step == 4 and [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(math.isfinite(record["loss"]) for record in records)
+
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(RETFOUND, IMAGENET), (GREEN, HALF)], ids=["retfound", "green"])
+def test_each_preset_normalises_as_its_weights_were_trained_in_training_and_export(preset, expected, make_shards,
+                                                                                   tmp_path):
+    """RETFound MAE fine-tunes with ImageNet's constants, RETFound-Green's README says 0.5; timm's configs for
+    these two backbones say the reverse, which the presets followed before `model.normalize`."""
+    from dist_train.evaluation.inference import Predictor, export
+
+    shards = make_shards(train=[8], val=[8], size=SCALED_DOWN[preset][1])
+    trainer = Trainer(scaled_down(preset, shards, tmp_path), DistEnv())
+    assert all((decoder.mean, decoder.std) == expected for decoder in trainer.decoders.values())
+    trainer.enter_phase(0)
+    checkpoint = trainer.save_checkpoint()
+    trainer.tracker.finish(trainer.summary())
+    predictor = Predictor.load(export(checkpoint, tmp_path / "model.safetensors"))
+    assert (predictor.decoder().mean, predictor.decoder().std) == expected
