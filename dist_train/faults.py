@@ -5,7 +5,7 @@ SIGKILL at a named point of a checkpoint write. Real runs never set the variable
 in one module, keeps the hooks out of the code they test. Syntax: `nan_loss@5`, `kill@<point>`,
 `kill@<point>#2` (the second time that point is reached), `notice@<point>` (a preemption notice, as
 a signal would raise it), `fail@<point>` (an OSError, as a full disk or an unwritable file would
-raise), several joined by commas.
+raise), `abort@<point>` (SIGABRT, as a C++ std::terminate in a backend raises it), several joined by commas.
 """
 
 from __future__ import annotations
@@ -39,12 +39,15 @@ def corrupt_loss(loss: torch.Tensor, step: int) -> torch.Tensor:
 
 
 def point(name: str) -> None:
-    """At a named point: SIGKILL (`kill@`), a preemption notice (`notice@`) or an OSError (`fail@`)."""
+    """At a named point: SIGKILL (`kill@`), SIGABRT (`abort@`), a preemption notice (`notice@`) or an OSError
+    (`fail@`)."""
     if not _SPEC or not _this_rank():
         return
     _reached[name] += 1
     if _hit("kill", name):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _hit("abort", name):
+        os.abort()
     if _hit("notice", name):
         preemption.request()
     if _hit("fail", name):

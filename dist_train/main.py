@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         preemption.install_handlers()  # before any DataLoader worker forks: workers inherit and ignore them
     from dist_train.train import distributed
 
-    faulthandler.enable()  # a rank that dies of a signal (a C++ abort in a backend) says where, in its log
+    if not faulthandler.is_enabled() and sys.__stderr__ is not None:
+        faulthandler.enable(sys.__stderr__)  # a rank that dies of a signal (a C++ abort) says where, in its log
     env = distributed.init_distributed(cfg.train.device, cfg.engine.timeout_s, always=cfg.engine.kind == "deepspeed")
     _setup_logging(env)
     try:

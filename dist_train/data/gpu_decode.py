@@ -26,8 +26,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from dist_train.config import DataConfig
-from dist_train.data.augment import augment_batch
-from dist_train.data.decode import EncodedBatch, decode_rgb
+from dist_train.data.augment import Augmenter, augment_batch
+from dist_train.data.decode import Decoder, EncodedBatch, decode_rgb
 from dist_train.data.stream import Batch
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,17 @@ def decodes_on_device(cfg: DataConfig, device: torch.device) -> bool:
     log.warning("data.decode=cuda but this run has no CUDA device (%s): decoding in the CPU workers instead",
                 device)
     return False
+
+
+def run_decoders(cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...], clahe: tuple[float, int] | None,
+                 device: torch.device) -> dict[str, Decoder]:
+    """A run's training and evaluation decoders on `device`. On a GPU, workers hand over 8-bit images and the
+    GPU normalises; on a CPU, workers normalise. `clahe`: what the decoder applies (clahe_plan's `in_decoder`,
+    None for shards built with it). With data.decode=cuda on a GPU the workers only read bytes and a
+    `DeviceDecoder` decodes them."""
+    in_workers, on_device = device.type != "cuda", decodes_on_device(cfg, device)
+    train = Decoder(cfg.image_size, mean, std, clahe, Augmenter(cfg.augment), in_workers, on_device)
+    return {"train": train, "eval": Decoder(cfg.image_size, mean, std, clahe, None, in_workers, on_device)}
 
 
 class DeviceDecoder:

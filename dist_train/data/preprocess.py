@@ -148,3 +148,12 @@ def prediction_clahe(preprocess: Mapping[str, Any], input_clahe: Clahe | None) -
                          f"score shards built {'with --clahe ' + str(expected) if expected else 'without --clahe'}, "
                          "or the raw images")
     return None
+
+
+def upsampling_warning(shard_preprocessing: dict[str, Any], image_size: int) -> str | None:
+    """Training above the size the shards were built at upsamples every image: detail that is not there."""
+    built = shard_preprocessing.get("size")
+    if built is None or image_size <= built:
+        return None
+    return (f"data.image_size={image_size} is larger than the {built} px the shards were built at: "
+            f"every image is upsampled; rebuild the shards with shards/build.py --size {image_size}")

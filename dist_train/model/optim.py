@@ -286,3 +286,19 @@ class LRSchedule:
 
 _LR_STATE_KEYS = ("phase_index", "phase_start_step", "warmup_steps", "decay_start_step",
                   "plateau_scale", "best", "bad_evals")
+
+
+def restore_settings(optimizer: torch.optim.Optimizer, model: nn.Module, schedule: UnfreezeSchedule,
+                     optim_cfg: OptimConfig, batch_scale: float = 1.0) -> None:
+    """The config's LR, weight decay and betas/momentum over the ones a loaded optimizer state restored.
+
+    Loading an optimizer's state restores its parameter groups' hyper-parameters too: a resume with
+    another optim.lr would silently keep the old one. The groups are the same (resume_check refuses
+    another split), so freshly built groups say what each should hold."""
+    fresh = optimizer_param_groups(model, schedule, optim_cfg, batch_scale)
+    for group, new in zip(optimizer.param_groups, fresh):
+        group["base_lr"], group["weight_decay"] = new["base_lr"], new["weight_decay"]
+        if "betas" in group:
+            group["betas"] = tuple(optim_cfg.betas)
+        if "momentum" in group:
+            group["momentum"] = optim_cfg.momentum

@@ -17,20 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset
 
 from dist_train import faults
-from dist_train.config import Config, DataConfig, to_dict
-from dist_train.data.augment import Augmenter, Normaliser
-from dist_train.data.decode import Decoder
-from dist_train.data.gpu_decode import DeviceDecoder, decodes_on_device
+from dist_train.config import Config, to_dict
+from dist_train.data.augment import Normaliser
+from dist_train.data.gpu_decode import DeviceDecoder, run_decoders
 from dist_train.data.manifest import shard_preprocessing, split_counts, verify_against_manifest
-from dist_train.data.preprocess import clahe_plan
+from dist_train.data.preprocess import clahe_plan, upsampling_warning
 from dist_train.data.stream import (
     Batch,
     EvalStream,
     TrainStream,
-    make_loader,
     shard_urls,
     steps_per_epoch,
 )
@@ -44,8 +41,8 @@ from dist_train.model.optim import (
     global_batch_size,
     lr_scale,
     lr_scaling_warning,
-    optimizer_param_groups,
     phase_peak_lrs,
+    restore_settings,
 )
 from dist_train.model.unfreeze import UnfreezeSchedule
 from dist_train.redact import scrub_secrets
@@ -58,6 +55,7 @@ from dist_train.train.distributed import DistEnv
 from dist_train.train.engine import build_engine
 from dist_train.train.epoch_stats import EpochStats, EpochSums
 from dist_train.train.health import val_loss_rising
+from dist_train.train.loader import training_loader
 from dist_train.train.state import Decision, RNGState, Stateful, Stop, StreamState, TrainerState
 from dist_train.train.step_flags import NonFiniteLoss, StepFlags
 
@@ -65,13 +63,6 @@ log = logging.getLogger(__name__)
 
 LoaderFactory = Callable[..., Iterable[Batch]]
 """`make_loader`'s signature: (dataset, data config, pin_memory, timeout_s) -> an iterable of Batch."""
-
-
-def training_loader(dataset: IterableDataset, cfg: DataConfig, pin_memory: bool,
-                    timeout_s: float = 0) -> Iterable[Batch]:
-    """`make_loader` with workers that outlive a preemption notice (SLURM signals every process of a step)."""
-    loader = make_loader(dataset, cfg, pin_memory, timeout_s, worker_init_fn=preemption.ignore_in_worker)
-    return preemption.WorkersIgnoreNotices(loader)
 
 
 class Trainer:
@@ -97,7 +88,7 @@ class Trainer:
         self.global_batch = global_batch_size(cfg.train.batch_size, cfg.train.accumulation_steps, env.world_size)
         self.batch_scale = lr_scale(cfg.optim, self.global_batch)
         self.warnings = [w for w in (lr_scaling_warning(cfg.optim, self.global_batch),
-                                     self._upsampling_warning()) if w]
+                                     upsampling_warning(self.shard_preprocessing, cfg.data.image_size)) if w]
         optimizer = build_optimizer(self.model, self.unfreeze, cfg.optim, self.batch_scale)
         negatives = self.train_counts.samples - self.train_counts.positives
         self.loss_fn = build_loss(cfg.loss, self.train_counts.positives, negatives)
@@ -107,7 +98,8 @@ class Trainer:
         mean, std = tuple(self.model.data_config["mean"]), tuple(self.model.data_config["std"])
         self.normalise = Normaliser(mean, std, env.device)
         self.device_decode = DeviceDecoder(cfg.data.image_size, cfg.data.augment.interpolation, env.device)
-        self.decoders = self._decoders(mean, std)
+        clahe = clahe_plan(cfg.data, self.train_urls, self.val_urls).in_decoder
+        self.decoders = run_decoders(cfg.data, mean, std, clahe, env.device)
         self.state, self.stream, self.rng = TrainerState(), StreamState(), RNGState()
         self.bad_samples = BadSamples(env, self.train_counts.samples, cfg.data.max_bad_fraction)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", env, cfg.checkpoint.keep_last)
@@ -126,17 +118,6 @@ class Trainer:
         problems = distributed.broadcast_object(self.env, problems)
         if problems:
             raise DataError(f"shard verification failed for {len(problems)} shard(s): {problems[0]}")
-
-    def _decoders(self, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Decoder]:
-        """On a GPU, workers hand over 8-bit images and the GPU normalises; on a CPU, workers normalise.
-        CLAHE runs here only for shards built without it (clahe_plan refuses CLAHE twice or on one split).
-        With data.decode=cuda on a GPU the workers only read bytes and `self.device_decode` decodes them."""
-        data = self.cfg.data
-        clahe = clahe_plan(data, self.train_urls, self.val_urls).in_decoder
-        in_workers = self.env.device.type != "cuda"
-        on_device = decodes_on_device(data, self.env.device)
-        train = Decoder(data.image_size, mean, std, clahe, Augmenter(data.augment), in_workers, on_device)
-        return {"train": train, "eval": Decoder(data.image_size, mean, std, clahe, None, in_workers, on_device)}
 
     # ------------------------------------------------------------ the run
 
@@ -461,7 +442,7 @@ class Trainer:
         same_layout = (saved["world_size"], saved["workers"], saved.get("deal", "by_shards")) == \
             (self.env.world_size, self.cfg.data.workers, self._deal())
         self.checkpointer.restore(folder, saved, self.engine, self.parts(), self.rank_parts() if same_layout else {})
-        self._apply_optimizer_settings()
+        restore_settings(self.engine.optimizer, self.model, self.unfreeze, self.cfg.optim, self.batch_scale)
         if saved["steps_per_epoch"] != self.steps_per_epoch:
             self._rescale_progress(saved["steps_per_epoch"])
         if not same_layout:
@@ -472,37 +453,13 @@ class Trainer:
                          "exact_position": same_layout, "config_changes": self.config_changes}
         return saved
 
-    def _apply_optimizer_settings(self) -> None:
-        """The config's LR, weight decay and betas/momentum over the ones the optimizer state restored.
-
-        Loading an optimizer's state restores its parameter groups' hyper-parameters too: a resume with
-        another optim.lr would silently keep the old one. The groups are the same (resume_check refuses
-        another split), so the freshly built groups say what each should hold."""
-        fresh = optimizer_param_groups(self.model, self.unfreeze, self.cfg.optim, self.batch_scale)
-        for group, new in zip(self.engine.optimizer.param_groups, fresh):
-            group["base_lr"], group["weight_decay"] = new["base_lr"], new["weight_decay"]
-            if "betas" in group:
-                group["betas"] = tuple(self.cfg.optim.betas)
-            if "momentum" in group:
-                group["momentum"] = self.cfg.optim.momentum
-
     def _rescale_progress(self, saved_steps_per_epoch: int) -> None:
-        """Another world size changed the epoch's length: the interrupted epoch keeps the fraction it had
-        done (it sees its samples once, give or take one global batch) and the LR schedule its place."""
+        """Another world size changed the epoch's length: the epoch keeps its fraction, the LR schedule its place."""
         ratio = self.steps_per_epoch / saved_steps_per_epoch
-        done = round((self.state.step - self.state.epoch_start_step) * ratio)
-        self.state.epoch_start_step = self.state.step - min(done, self.steps_per_epoch)
+        done = self.state.rescale_epoch(ratio, self.steps_per_epoch)
         self.lr_schedule.rescale(ratio)
         log.info("epoch length %d -> %d optimizer steps: %d steps of epoch %d count as done", saved_steps_per_epoch,
                  self.steps_per_epoch, done, self.state.epoch)
-
-    def _upsampling_warning(self) -> str | None:
-        """Training above the size the shards were built at upsamples every image: detail that is not there."""
-        built = self.shard_preprocessing.get("size")
-        if built is None or self.cfg.data.image_size <= built:
-            return None
-        return (f"data.image_size={self.cfg.data.image_size} is larger than the {built} px the shards were built at: "
-                f"every image is upsampled; rebuild the shards with shards/build.py --size {self.cfg.data.image_size}")
 
     def _deal(self) -> str:
         """How shards were dealt to slots: saved positions mean something only under the same deal."""

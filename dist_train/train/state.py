@@ -53,6 +53,13 @@ class TrainerState:
             if name in names:
                 setattr(self, name, value)
 
+    def rescale_epoch(self, ratio: float, steps_per_epoch: int) -> int:
+        """Another world size changed the epoch's length by `ratio`: the interrupted epoch keeps the fraction
+        it had done (it sees its samples once, give or take one global batch); returns the steps now done."""
+        done = round((self.step - self.epoch_start_step) * ratio)
+        self.epoch_start_step = self.step - min(done, steps_per_epoch)
+        return done
+
 
 class StreamState:
     """This rank's position in its epoch stream: what lets a run resume mid-epoch exactly."""

@@ -191,3 +191,13 @@ def test_stalled_rank_hits_the_process_group_timeout(shards, tmp_path):
     assert ranks[0].returncode not in (0, None), stderr[-3000:]
     assert seconds < timeout_s + 30, f"rank 0 took {seconds:.0f} s with engine.timeout_s={timeout_s}"
     assert "Timed out" in stderr or "timed out" in stderr, stderr[-3000:]
+
+
+def test_a_rank_that_aborts_says_where_it_was(shards, tmp_path):
+    """A C++ std::terminate in a backend is a SIGABRT (CI once saw "terminate called without an active
+    exception" end a gloo rank and nothing more): the rank's stderr now names the Python line it was on."""
+    result = run_main(overrides(shards, tmp_path, "train.epochs=1", "checkpoint.every_steps=1"), resume="none",
+                      fault="abort@checkpoint.before_publish")
+    assert result.returncode == -signal.SIGABRT, result.stderr[-2000:]
+    assert "Fatal Python error: Aborted" in result.stderr, result.stderr[-2000:]
+    assert "dist_train/train/checkpoint.py" in result.stderr and "dist_train/main.py" in result.stderr

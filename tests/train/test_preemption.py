@@ -82,7 +82,7 @@ class _SignalledStream(torch.utils.data.IterableDataset):
 def test_a_dataloader_worker_outlives_a_sigterm_to_every_process():
     """The Trainer's loader: without `ignore_in_worker` the worker dies and its rank fails before it can checkpoint."""
     from dist_train.config import DataConfig
-    from dist_train.train.loop import training_loader
+    from dist_train.train.loader import training_loader
 
     preemption.install_handlers()
     loader = training_loader(_SignalledStream(), DataConfig(workers=1, prefetch_factor=2), False)
@@ -93,7 +93,7 @@ HELD_WORKER = """
 import torch
 from dist_train.config import DataConfig
 from dist_train.train import preemption
-from dist_train.train.loop import training_loader
+from dist_train.train.loader import training_loader
 
 
 class Forever(torch.utils.data.IterableDataset):
@@ -124,7 +124,7 @@ import signal
 import torch
 from dist_train.config import DataConfig
 from dist_train.train import preemption
-from dist_train.train.loop import training_loader
+from dist_train.train.loader import training_loader
 
 
 class Three(torch.utils.data.IterableDataset):
