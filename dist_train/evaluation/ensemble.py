@@ -12,8 +12,9 @@ The threshold must belong to the ensemble: the mean of two members is not calibr
 so copying one member's 95%-specificity cut-off would miss that specificity. `choose_threshold` is
 the rule each export's threshold follows (β's operating point, `metrics.beta_threshold`), applied to
 the ensemble's likelihoods on a labelled set; `launch/evaluate.py` with several `--model` writes it
-into `ensemble.json` with the members' paths and sha256 digests, and `--model ensemble.json` then
-gives predict.py (and evaluate.py on a test set) the members and that threshold. A member re-exported
+into `ensemble.json` with the members' paths (relative to it, so a folder holding both can move) and
+sha256 digests, and `--model ensemble.json` then gives predict.py (and evaluate.py on a test set) the
+members and that threshold. A member re-exported
 since then has another digest and is refused: the threshold was chosen for other weights.
 
 Exactly once: an image any member could not score is one `bad` entry (the first reason), never a
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,7 +204,7 @@ def _refuse_repeats(given: list[Path], files: list[Path]) -> None:
 def _read_ensemble(path: Path) -> Members:
     """The members and threshold of an ensemble.json, every member checked to be the export it was."""
     raw = _ensemble_json(path)
-    files = [_export_with_sidecar(Path(member)) for member in raw["members"]]
+    files = [_export_with_sidecar(_member_path(path, index, raw)) for index in range(len(raw["members"]))]
     _refuse_repeats(files, files)
     digests = [sha256(file) for file in files]
     for file, recorded, now in zip(files, raw["sha256"], digests):
@@ -210,6 +212,16 @@ def _read_ensemble(path: Path) -> Members:
             raise InputError(f"--model {path}: member {file} changed since its threshold was chosen (sha256 "
                              "differs); run launch/evaluate.py with its members again")
     return Members(files, float(raw["threshold"]), str(path), digests)
+
+
+def _member_path(ensemble: Path, index: int, raw: dict[str, Any]) -> Path:
+    """Member `index`: relative to the ensemble file's folder (the folder moved with its exports), else where
+    it was when the file was written (the file alone moved); a member at neither is refused by the caller."""
+    relative = ensemble.parent / raw["members"][index]
+    written = raw.get("members_when_written")
+    if relative.exists() or not isinstance(written, list) or len(written) != len(raw["members"]):
+        return relative
+    return Path(str(written[index]))
 
 
 def _ensemble_json(path: Path) -> dict[str, Any]:
@@ -238,8 +250,12 @@ def sha256(path: Path) -> str:
 
 
 def write_ensemble(path: Path, ensemble: Ensemble, threshold: float, validation: dict[str, Any]) -> Path:
-    """ensemble.json: members (absolute paths and digests), how they are combined, and their threshold."""
-    record = {"format": ENSEMBLE_FORMAT, "members": [str(Path(name).resolve()) for name in ensemble.names],
+    """ensemble.json: members (paths relative to its folder, and where they were; digests), how they are
+    combined, and their threshold."""
+    written = [Path(name).resolve() for name in ensemble.names]
+    record = {"format": ENSEMBLE_FORMAT,
+              "members": [os.path.relpath(member, path.parent.resolve()) for member in written],
+              "members_when_written": [str(member) for member in written],
               "sha256": ensemble.digests or [sha256(Path(name)) for name in ensemble.names],
               "combine": COMBINE_RULE, "threshold": threshold, "threshold_rule": THRESHOLD_RULE,
               "validation": validation}

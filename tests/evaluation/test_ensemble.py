@@ -130,7 +130,8 @@ def test_ensemble_threshold_is_chosen_for_the_ensemble_on_validation(evaluated, 
     assert record["threshold"] == pytest.approx(oracle, abs=1e-6)
     member_thresholds = [json.loads(m.with_suffix(".json").read_text())["threshold"] for m in members]
     assert all(abs(record["threshold"] - t) > 1e-6 for t in member_thresholds), "copied from a member"
-    assert record["members"] == [str(m.resolve()) for m in members]
+    assert [(out / member).resolve() for member in record["members"]] == [m.resolve() for m in members]
+    assert record["members_when_written"] == [str(m.resolve()) for m in members]
     assert record["sha256"] == [hashlib.sha256(m.read_bytes()).hexdigest() for m in members]
     report = json.loads((out / "report.json").read_text())
     assert report["models"] == [str(m) for m in members]
@@ -286,3 +287,28 @@ def test_evaluate_keeps_an_earlier_ensemble_file_without_overwrite(members, synt
                             f"{synthetic_shards}/val-*.tar", "--out", out, "--bootstrap", "0")
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and "--overwrite" in stderr, stderr
     assert (out / "ensemble.json").read_text() == "the user's earlier ensemble\n" and len(list(out.iterdir())) == 1
+
+
+def test_an_ensemble_folder_moved_with_its_exports_still_predicts(members, alone, synthetic_shards, tmp_path):
+    """ensemble.json names its members relative to itself: a folder of exports + ensemble.json can be moved or
+    copied to another machine (before, the absolute paths of the old place were refused as missing)."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    copies = [_copied_export(member, bundle / name) for member, name in zip(members, ("a", "b"))]
+    _run("launch/evaluate.py", "--model", copies[0], "--model", copies[1], "--shards", f"{synthetic_shards}/val-*.tar",
+         "--out", bundle / "eval", "--bootstrap", "0", "--progress", "none")
+    moved = bundle.rename(tmp_path / "moved")
+    _run("launch/predict.py", "--model", moved / "eval" / "ensemble.json", "--shards", f"{synthetic_shards}/val-*.tar",
+         "--out", tmp_path / "p.csv", "--progress", "none")
+    expected, got = _mean(alone), _likelihoods(tmp_path / "p.csv")
+    assert sorted(got) == sorted(expected) and all(abs(got[k] - expected[k]) < 1e-6 for k in expected)
+
+
+def test_an_ensemble_file_moved_alone_still_finds_its_members_where_they_were(evaluated, alone, synthetic_shards,
+                                                                               tmp_path):
+    out, _ = evaluated
+    alone_file = shutil.copyfile(out / "ensemble.json", tmp_path / "ensemble.json")
+    _run("launch/predict.py", "--model", alone_file, "--shards", f"{synthetic_shards}/val-*.tar",
+         "--out", tmp_path / "p.csv", "--progress", "none")
+    expected, got = _mean(alone), _likelihoods(tmp_path / "p.csv")
+    assert all(abs(got[k] - expected[k]) < 1e-6 for k in expected)
