@@ -6,6 +6,7 @@ convolution computes in, an fp32 run's first loss from the same seeds, and the l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -62,6 +63,10 @@ def _user_file(tmp_path: Path, settings: dict) -> Path:
      ("torch_autocast.dtype", "train.precision=fp32")),
     ({"bf16": {"enabled": True}}, "bf16", ("bf16.enabled", "train.precision=bf16")),
     ({"gradient_clipping": 1.0}, "fp32", ("gradient_clipping", "optim.grad_clip=None")),
+    ({"train_micro_batch_size_per_gpu": 999}, "fp32", ("train_micro_batch_size_per_gpu", "train.batch_size=")),
+    ({"gradient_accumulation_steps": 7}, "fp32", ("gradient_accumulation_steps", "train.accumulation_steps=")),
+    ({"zero_optimization": {"stage": 3}}, "fp32", ("zero_optimization.stage", "engine.zero_stage=0")),
+    ({"train_batch_size": 64}, "fp32", ("train_batch_size", "follows the world size")),
 ])
 def test_a_user_file_that_contradicts_ours_is_refused_in_one_line(settings, precision, named, make_shards, tmp_path):
     user = _user_file(tmp_path, settings)
@@ -74,6 +79,15 @@ def test_a_user_file_that_contradicts_ours_is_refused_in_one_line(settings, prec
     assert "\n" not in message and message.startswith(str(user))
     assert all(name in message for name in named), message
     assert user.read_text() == before
+
+
+def test_a_user_file_may_repeat_our_batch_and_stage(make_shards, tmp_path):
+    """Before, batch sizes and stage were silently overridden whatever the file said; now only a repeat passes."""
+    cfg = tiny(make_shards(), tmp_path, "engine.kind=deepspeed", "engine.zero_stage=2")
+    user = _user_file(tmp_path, {"train_micro_batch_size_per_gpu": cfg.train.batch_size,
+                                 "gradient_accumulation_steps": cfg.train.accumulation_steps,
+                                 "zero_optimization": {"stage": 2}})
+    check_deepspeed_file(dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, deepspeed_config=str(user))))
 
 
 def test_an_agreeing_user_file_keeps_its_other_settings(make_shards, tmp_path):

@@ -93,7 +93,25 @@ def _checked(cfg: Config, source: str = "config") -> dict[str, Any]:
     if clip is not None and clip != _clip(cfg):
         raise ConfigError(path, "gradient_clipping", f"{clip} contradicts optim.grad_clip={cfg.optim.grad_clip}; set "
                                                      f"optim.grad_clip instead (unset: no clipping) and remove it here")
+    _check_layout(path, user, cfg)
     return user
+
+
+def _check_layout(path: str, user: dict[str, Any], cfg: Config) -> None:
+    """The batch sizes and ZeRO stage are ours (DDP must train the same batches): the file may only repeat them."""
+    zero = user.get("zero_optimization")
+    given = {"train_micro_batch_size_per_gpu": (user.get("train_micro_batch_size_per_gpu"), "train.batch_size",
+                                                cfg.train.batch_size),
+             "gradient_accumulation_steps": (user.get("gradient_accumulation_steps"), "train.accumulation_steps",
+                                             cfg.train.accumulation_steps),
+             "zero_optimization.stage": (zero.get("stage") if isinstance(zero, dict) else None, "engine.zero_stage",
+                                         cfg.engine.zero_stage)}
+    for key, (value, name, ours) in given.items():
+        if value is not None and value != ours:
+            raise ConfigError(path, key, f"{value} contradicts {name}={ours}; set {name} instead and remove it here")
+    if "train_batch_size" in user:
+        raise ConfigError(path, "train_batch_size", f"{user['train_batch_size']} is set by dist_train (train.batch_size"
+                          " x train.accumulation_steps x ranks, so it follows the world size); remove it here")
 
 
 def _read_user_file(path: str) -> dict[str, Any]:
