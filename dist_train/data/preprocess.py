@@ -86,7 +86,7 @@ def effective_clahe(data: DataConfig, train: Clahe | None, val: Clahe | None) ->
     Refused: data.clahe on shards built with --clahe (applied twice), and train and val shards that
     disagree (the model would be validated on inputs unlike its training inputs)."""
     if train != val:
-        raise ClaheError(f"{data.train_shards} were built with {_built(train)} but {data.val_shards} with "
+        raise ClaheError(f"{data.train_shards} were built {_built(train)} but {data.val_shards} "
                          f"{_built(val)}; rebuild one split so both match")
     wanted = configured_clahe(data)
     if train is not None and wanted is not None:
@@ -101,7 +101,8 @@ def clahe_plan(data: DataConfig, train_urls: list[str], val_urls: list[str]) -> 
 
 
 def _built(clahe: Clahe | None) -> str:
-    return f"--clahe {clahe}" if clahe else "no --clahe"
+    """How shards were built, in every message that says it: 'with --clahe 2,8' or 'without --clahe'."""
+    return f"with --clahe {clahe}" if clahe else "without --clahe"
 
 
 # ---------------------------------------------------------------- export and prediction
@@ -144,8 +145,8 @@ def prediction_clahe(preprocess: Mapping[str, Any], input_clahe: Clahe | None) -
         return expected
     if expected != input_clahe:
         wanted = f"CLAHE {expected}" if expected else "raw (no CLAHE)"
-        raise ClaheError(f"the input was built with --clahe {input_clahe} but the model expects {wanted} input: "
-                         f"score shards built {'with --clahe ' + str(expected) if expected else 'without --clahe'}, "
+        raise ClaheError(f"the input was built {_built(input_clahe)} but the model expects {wanted} input: "
+                         f"score shards built {_built(expected)}, "
                          "or the raw images")
     return None
 

@@ -163,7 +163,7 @@ def test_clahe_shards_with_data_clahe_true_are_refused_as_applied_twice(equalise
 
 
 def test_train_and_val_shards_that_disagree_on_clahe_are_refused(raw, equalised, tmp_path):
-    with pytest.raises(ClaheError, match="no --clahe.*--clahe 2,8|--clahe 2,8.*no --clahe"):
+    with pytest.raises(ClaheError, match="with --clahe 2,8 but .* without --clahe"):
         trainer(equalised, raw, tmp_path)
     with pytest.raises(ClaheError, match="rebuild one split"):
         trainer(raw, equalised, tmp_path)
