@@ -75,3 +75,13 @@ def is_batchnorm(module: nn.Module) -> bool:
 def submission_text(executor: Any) -> str:
     """The sbatch script submitit would submit, for `--dry-run`: submitit has no public call for it."""
     return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
+
+
+def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor in shared memory, allocated there (no copy), as torch's own `default_collate`
+    allocates a worker's batch: a DataLoader worker that fills it sends only its handle to the main process."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)

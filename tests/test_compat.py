@@ -37,3 +37,12 @@ def test_batchnorm_of_every_rank_is_recognised_and_nothing_else():
     norms = [nn.BatchNorm1d(3), nn.BatchNorm2d(3), nn.BatchNorm3d(3), nn.SyncBatchNorm(3)]
     assert all(compat.is_batchnorm(norm) for norm in norms)
     assert not any(compat.is_batchnorm(m) for m in (nn.LayerNorm(3), nn.GroupNorm(1, 3), nn.Linear(3, 3)))
+
+
+def test_shared_empty_is_allocated_in_shared_memory_as_asked():
+    """What `Decoder.collate` writes a worker's float batch into: shared from the start, so sending it is a handle."""
+    tensor = compat.shared_empty((2, 3, 4, 5), torch.float32)
+    assert tensor.is_shared() and tensor.is_contiguous()
+    assert tensor.shape == (2, 3, 4, 5) and tensor.dtype == torch.float32
+    tensor.fill_(1.5)
+    assert float(tensor.sum()) == 1.5 * 120

@@ -1,9 +1,10 @@
 """Shard samples to tensors, in a DataLoader worker: decode, resize, CLAHE, augmentation, normalisation.
 
 The streams (stream.py) decide which samples a worker reads and in which order; this module only turns
-one sample's bytes into what the worker hands on: a float tensor (CPU runs), the 8-bit image (GPU runs
-normalise on the device), or with `data.decode: cuda` the JPEG bytes and the augmentation parameters
-drawn from the sample's own seed (`gpu_decode.DeviceDecoder` finishes on the GPU).
+one sample's bytes into what the worker hands on: the 8-bit image, which `Decoder.collate` normalises
+into one float batch (CPU runs) or stacks (GPU runs normalise on the device), or with `data.decode: cuda`
+the JPEG bytes and the augmentation parameters drawn from the sample's own seed
+(`gpu_decode.DeviceDecoder` finishes on the GPU).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import default_collate, get_worker_info
 
+from dist_train import compat
 from dist_train.data.augment import Augmenter, AugmentParams, to_normalised_tensor
 from dist_train.data.transforms import apply_clahe
 from dist_train.errors import DataError
@@ -61,6 +64,11 @@ def device_decodable(data: bytes, image_size: int) -> bool:
                     and image.size == (image_size, image_size))
     except Exception:  # the worker's full decode names the problem
         return False
+
+
+def _chw(pixels: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 pixels as a 3xHxW uint8 tensor of its own (PIL's buffer is read-only and short-lived)."""
+    return torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1).contiguous()
 
 
 @dataclass(frozen=True)
@@ -121,21 +129,42 @@ class Decoder:
             raise ValueError("Decoder(on_device=True) cannot run CLAHE: the config refuses data.decode=cuda with it")
 
     def worker_item(self, sample: dict[str, Any], sample_seed: int) -> torch.Tensor | EncodedSample:
-        """What a DataLoader worker hands on for the sample: its tensor, or with `on_device` its bytes."""
+        """What a DataLoader worker keeps of the sample until its batch is full: the 8-bit image (`collate`
+        normalises the whole batch), or with `on_device` its bytes."""
         if self.on_device:
             return dataclasses.replace(self.encoded(sample_image_bytes(sample), sample_seed),
                                        url=str(sample.get("__url__")))
-        return self(sample, sample_seed)
+        return _chw(self._pixels(sample, sample_seed))
+
+    def collate(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """`worker_item`s as one batch: the 8-bit images stacked, or, when this decoder normalises, normalised
+        straight into one float batch (in shared memory in a DataLoader worker), the values of
+        `to_normalised_tensor` image by image. One float batch written once, instead of a float tensor per
+        image stacked into shared memory, was a fifth of a worker's per-image work (bench/data_throughput.py)."""
+        if not self.normalise:
+            return default_collate(images)
+        shape = (len(images), *images[0].shape)
+        out = compat.shared_empty(shape, torch.float32) if get_worker_info() is not None else torch.empty(shape)
+        for row, image in zip(out, images):
+            row.copy_(image)
+        scale = torch.tensor([255.0 * s for s in self.std]).view(1, 3, 1, 1)
+        offset = torch.tensor([255.0 * m for m in self.mean]).view(1, 3, 1, 1)
+        return out.sub_(offset).div_(scale)
 
     def __call__(self, sample: dict[str, Any], sample_seed: int) -> torch.Tensor:
+        pixels = self._pixels(sample, sample_seed)
+        if not self.normalise:
+            return _chw(pixels)
+        return to_normalised_tensor(pixels, self.mean, self.std)
+
+    def _pixels(self, sample: dict[str, Any], sample_seed: int) -> np.ndarray:
+        """The sample as HxWx3 uint8: decoded at the training size, CLAHE, augmentation."""
         image = decode_rgb(sample_image_bytes(sample), self.image_size)
         if self.clahe is not None:
             image = Image.fromarray(apply_clahe(np.asarray(image), clip_limit=self.clahe[0], tile_grid=self.clahe[1]))
         if self.augmenter is not None:
             image = self.augmenter(image, np.random.default_rng(sample_seed))
-        if not self.normalise:
-            return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).contiguous()
-        return to_normalised_tensor(np.asarray(image), self.mean, self.std)
+        return np.asarray(image)
 
     def encoded(self, data: bytes, sample_seed: int) -> EncodedSample:
         """The bytes (or, where nvJPEG cannot take them, the CPU path's pixels) and the sample's parameters,

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 import webdataset.filters
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
@@ -316,26 +316,24 @@ def decode_batches(samples: Iterator[dict[str, Any]], decoder: Decoder, batch_si
         labels.append(label)
         keys.append(key)
         if len(images) == batch_size:
-            yield _batch(images, labels, keys, worker, position, bad)
+            yield _batch(decoder, images, labels, keys, worker, position, bad)
             images, labels, keys, bad = [], [], [], []
     if images and keep_last:
-        yield _batch(images, labels, keys, worker, position, bad)
+        yield _batch(decoder, images, labels, keys, worker, position, bad)
     elif bad:
         yield Batch(torch.empty(0), torch.empty(0), [], worker, position, bad)
 
 
-def _batch(images: list[Any], labels: list[int], keys: list[str], worker: int, position: int,
+def _batch(decoder: Decoder, images: list[Any], labels: list[int], keys: list[str], worker: int, position: int,
            bad: list[tuple[str, str, str]]) -> Batch:
-    """Stacked tensors, or (bytes-only Decoder) the encoded samples for the device to decode.
-
-    torch's `default_collate` stacks a list of tensors straight into shared memory when it runs in a
-    DataLoader worker; a plain `torch.stack` there is copied into shared memory again when the batch is
-    sent, which was half the per-image cost of the hand-over (bench/data_throughput.py)."""
+    """The decoder's batch of the images (`Decoder.collate`: one tensor written straight into shared memory
+    in a worker, which a tensor stacked and sent would be copied into again), or (bytes-only Decoder) the
+    encoded samples for the device to decode."""
     targets = torch.tensor(labels, dtype=torch.float32)
     if isinstance(images[0], EncodedSample):
         encoded = EncodedBatch.of(images)
         return Batch(torch.empty(0, dtype=torch.uint8), targets, keys, worker, position, bad, encoded)
-    return Batch(default_collate(images), targets, keys, worker, position, bad)
+    return Batch(decoder.collate(images), targets, keys, worker, position, bad)
 
 
 # ---------------------------------------------------------------- datasets

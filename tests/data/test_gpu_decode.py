@@ -179,8 +179,9 @@ def test_a_jpeg_the_device_cannot_decode_is_dropped_and_named_and_the_rest_decod
                {"__key__": "b", "jpg": headless_jpeg(12), "__url__": url},
                {"__key__": "c", "jpg": gray_jpeg(13), "__url__": url}]
     cfg = data_config(shards)
-    encoded = [decoder(cfg, True, augment=False).worker_item(sample, 0) for sample in samples]
-    batch = DeviceDecoder(SIZE, "nearest", CPU)(_batch(encoded, [1, 0, 1], ["a", "b", "c"], 0, 3, []))
+    bytes_only = decoder(cfg, True, augment=False)
+    encoded = [bytes_only.worker_item(sample, 0) for sample in samples]
+    batch = DeviceDecoder(SIZE, "nearest", CPU)(_batch(bytes_only, encoded, [1, 0, 1], ["a", "b", "c"], 0, 3, []))
     assert batch.keys == ["a", "c"] and batch.labels.tolist() == [1.0, 1.0]
     assert [(where, key) for where, key, _ in batch.bad] == [(url, "b")]
     cpu = decoder(cfg, False, augment=False)
