@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,17 @@ def decodes_on_device(cfg: DataConfig, device: torch.device) -> bool:
     log.warning("data.decode=cuda but this run has no CUDA device (%s): decoding in the CPU workers instead",
                 device)
     return False
+
+
+def size_warning(cfg: DataConfig, shard_preprocessing: dict[str, Any]) -> str | None:
+    """data.decode=cuda sends nvJPEG only JPEGs at data.image_size: from shards built at another size every
+    image is decoded in the workers, which the run would otherwise not show."""
+    built = shard_preprocessing.get("size")
+    if cfg.decode != "cuda" or built is None or built == cfg.image_size:
+        return None
+    return (f"data.decode=cuda: the shards were built at {built} px, not data.image_size={cfg.image_size}; nvJPEG "
+            f"takes only images at the training size, so every image is decoded in the workers: rebuild the shards "
+            f"with shards/build.py --size {cfg.image_size}")
 
 
 def run_decoders(cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...], clahe: tuple[float, int] | None,

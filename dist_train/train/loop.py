@@ -21,7 +21,7 @@ import torch
 from dist_train import faults
 from dist_train.config import Config, to_dict
 from dist_train.data.augment import Normaliser
-from dist_train.data.gpu_decode import DeviceDecoder, run_decoders
+from dist_train.data.gpu_decode import DeviceDecoder, run_decoders, size_warning
 from dist_train.data.manifest import shard_preprocessing, split_counts, verify_against_manifest
 from dist_train.data.preprocess import clahe_plan, upsampling_warning
 from dist_train.data.stream import (
@@ -88,7 +88,8 @@ class Trainer:
         self.global_batch = global_batch_size(cfg.train.batch_size, cfg.train.accumulation_steps, env.world_size)
         self.batch_scale = lr_scale(cfg.optim, self.global_batch)
         self.warnings = [w for w in (lr_scaling_warning(cfg.optim, self.global_batch),
-                                     upsampling_warning(self.shard_preprocessing, cfg.data.image_size)) if w]
+                                     upsampling_warning(self.shard_preprocessing, cfg.data.image_size),
+                                     size_warning(cfg.data, self.shard_preprocessing)) if w]
         optimizer = build_optimizer(self.model, self.unfreeze, cfg.optim, self.batch_scale)
         negatives = self.train_counts.samples - self.train_counts.positives
         self.loss_fn = build_loss(cfg.loss, self.train_counts.positives, negatives)

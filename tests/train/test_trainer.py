@@ -170,3 +170,18 @@ def test_a_preempted_run_leaves_the_report_to_the_run_that_finishes(make_shards,
     assert saved.is_dir() and not (cfg.run_dir / "report.html").exists()
     Trainer(cfg, DistEnv(), resume_from=saved).train()
     assert (cfg.run_dir / "report.html").is_file()
+
+
+def test_gpu_decode_from_shards_of_another_size_warns_that_the_workers_decode(synthetic_shards, tmp_path):
+    """nvJPEG takes only images at data.image_size; 48 px shards for a 32 px run all decode in the workers."""
+    from dist_train.config import load_config
+
+    from run_helpers import REPO
+
+    cfg = load_config(str(REPO / "configs" / "test_tiny.yaml"), [
+        f"data.train_shards={synthetic_shards}/train-*.tar", f"data.val_shards={synthetic_shards}/val-*.tar",
+        f"run_root={tmp_path}", "data.image_size=32", "data.decode=cuda", "train.epochs=1", "train.steps_per_epoch=1"])
+    trainer = Trainer(cfg, DistEnv())
+    assert any("built at 48 px, not data.image_size=32" in w and "--size 32" in w for w in trainer.warnings), \
+        trainer.warnings
+    trainer.tracker.finish(trainer.summary())
