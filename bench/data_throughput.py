@@ -14,8 +14,9 @@ CLAHE in our Decoder and in the torchvision transforms). Then, in interleaved ro
 --repeats counts, since the machine is shared), one epoch of each:
 
   (a) ours:        TrainStream + make_loader (dist_train/data/stream.py), --workers workers: shard read,
-                   decode, CLAHE (epoch), the Augmenter on the 8-bit PIL image, to_normalised_tensor, a
-                   float32 batch stacked in the worker and handed to the main process;
+                   decode, CLAHE (epoch), the Augmenter on the 8-bit PIL image, then the batch's 8-bit
+                   images normalised straight into one float32 batch in shared memory (Decoder.collate)
+                   and handed to the main process;
   (b) torchvision: ImageFolder + DataLoader, same workers and batch size, the idiomatic transforms of the
                    same recipe (RandomAffine, ColorJitter brightness, flips on a uint8 tensor, ToDtype,
                    Normalize; CLAHE first with --clahe epoch);
@@ -26,15 +27,17 @@ CLAHE in our Decoder and in the torchvision transforms). Then, in interleaved ro
                    stack and ship uint8 batches (what GPU runs do: the device normalises; not included here).
 
 The per-core ceiling of (a) is min(workers, cores) x 1 / (its per-image CPU work), the work measured in one
-thread: our whole-sample Decoder plus its share of stacking the float batch straight into shared memory
-(what a worker pays to hand a batch over; torch's default_collate); likewise for (a') with the uint8
-decoder and batch. Each rate is given per epoch (worker start-up included, as every epoch pays it) and
-steady (after every worker's first batch: what a long epoch approaches). Prints the rates, (a)/ceiling
-(target >= 0.85) and (a)/(b) (target >= 1.5), the same for (a'), and a per-stage cost breakdown in one
-thread (decode, CLAHE, Augmenter and its affine, to_normalised_tensor; per batch of 32
-the stacks, their shared-memory moves, and a float batch stacked straight into shared memory as torch's
-default_collate does in a worker). From these it says what bounds the pipeline. Appends a dated row to
-bench/RESULTS.md.
+thread: the 8-bit whole-sample decoder plus its share of normalising the batch into one shared float batch
+(what a worker pays to hand a batch over); likewise for (a') with the uint8 decoder and its uint8 batch
+stacked into shared memory (torch's default_collate). The earlier hand-overs (a float tensor per image,
+stacked into shared memory, or stacked and then moved there) are printed beside it as "float per image".
+Each rate is given per epoch (worker start-up included, as every epoch pays it) and steady (after every
+worker's first batch: what a long epoch approaches). Prints the rates, (a)/ceiling (target >= 0.85) and
+(a)/(b) (target >= 1.5), the same for (a'), and a per-stage cost breakdown in one thread (decode, CLAHE,
+Augmenter and its affine, to_normalised_tensor; per batch of 32 the stacks, their shared-memory moves, a
+float batch stacked straight into shared memory as default_collate does in a worker, and the uint8 images
+normalised into a shared float batch as the product does). From these it says what bounds the pipeline.
+Appends a dated row to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from torchvision.datasets import ImageFolder
 
 from dist_train.config import AugmentConfig, DataConfig, load_config
 from dist_train.data.augment import Augmenter, to_normalised_tensor
+from dist_train.data.decode import normalise_into
 from dist_train.data.preprocess import Clahe
 from dist_train.data.stream import Decoder, TrainStream, make_loader, shard_urls
 from dist_train.data.transforms import apply_clahe
@@ -250,14 +254,9 @@ def stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def normalise_into_shared(uint8s: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """Candidate hand-over: each augmented uint8 image converted into its slot of a shared float batch, the
-    batch then normalised in place, so no per-image float tensor is made and nothing is stacked or moved."""
-    out = shared_batch(like, len(uint8s))
-    for index, image in enumerate(uint8s):
-        out[index].copy_(image)
-    offset = torch.tensor([255.0 * m for m in MEAN]).view(3, 1, 1)
-    scale = torch.tensor([255.0 * s for s in STD]).view(3, 1, 1)
-    return out.sub_(offset).div_(scale)
+    """The product's hand-over (`Decoder.collate` in a worker): the batch's uint8 images converted into a
+    shared float batch and normalised there in place (`decode.normalise_into`)."""
+    return normalise_into(shared_batch(like, len(uint8s)), uint8s, MEAN, STD)
 
 
 def stage_functions(files: Path, size: int, recipe: Recipe, count: int) -> dict[str, Callable[[int], object]]:
@@ -317,12 +316,13 @@ def stage_costs(files: Path, size: int, recipe: Recipe, count: int = 24) -> dict
 
 def work_ms(costs: dict[str, float]) -> dict[str, float]:
     """Per-image CPU work (ms, one thread) of each way a worker can hand a batch over: the decoder plus its
-    share of the batch's stacking into shared memory. "a" and "u8" are what the product runs (its workers
-    stack with torch's default_collate, straight into shared memory); the others are the old hand-over
-    (a plain stack, moved to shared memory when sent) and a candidate, measured in the same process."""
-    return {"a": costs[DECODER] + costs[SHARED] / BATCH, "u8": costs[UINT8] + costs[UINT8_SHARED] / BATCH,
-            "plain stack, then moved to shared memory": costs[DECODER] + costs[FLOAT_SHM] / BATCH,
-            "normalised into a shared batch": costs[UINT8] + costs[INTO] / BATCH}
+    share of the batch's hand-over into shared memory. "a" and "u8" are what the product runs (8-bit images
+    normalised into one shared float batch; a uint8 batch stacked there by default_collate); the others are
+    the earlier hand-overs (a float tensor per image, stacked into shared memory, or stacked and then moved),
+    measured in the same process."""
+    return {"a": costs[UINT8] + costs[INTO] / BATCH, "u8": costs[UINT8] + costs[UINT8_SHARED] / BATCH,
+            "float per image, stacked into shared memory": costs[DECODER] + costs[SHARED] / BATCH,
+            "float per image, plain stack, then moved to shared memory": costs[DECODER] + costs[FLOAT_SHM] / BATCH}
 
 
 def ratios(best: dict[str, float], costs: dict[str, float], workers: int) -> dict[str, float]:
@@ -347,8 +347,7 @@ def bound_sentence(costs: dict[str, float], workers: int) -> str:
     cores = min(workers, os.cpu_count() or 1)
     parts = {"decode": costs["PIL decode"], "CLAHE": costs.get("CLAHE (per sample)", 0.0),
              "PIL augmentation": costs["Augmenter (ours, PIL uint8)"],
-             "to_normalised_tensor": costs["to_normalised_tensor"],
-             "stack of the float batch into shared memory": costs[SHARED] / BATCH}
+             "normalising into the shared float batch": costs[INTO] / BATCH}
     parts = {name: ms for name, ms in parts.items() if ms}
     total = sum(parts.values())
     split = ", ".join(f"{name} {ms:.2f} ms ({ms / total:.0%})" for name, ms in parts.items())
@@ -356,7 +355,7 @@ def bound_sentence(costs: dict[str, float], workers: int) -> str:
     candidates = ", ".join(f"{name} {ms:.2f} ms/img (ceiling {cores * 1000 / ms:.0f} img/s)"
                            for name, ms in work_ms(costs).items() if name not in ("a", "u8"))
     return (f"bound: the workers' per-image CPU work, {total:.2f} ms in stages ({split}), led by {largest}; "
-            f"candidate float hand-overs: {candidates}; the nearest PIL affine costs {costs[AFFINE]:.2f} ms "
+            f"earlier float hand-overs: {candidates}; the nearest PIL affine costs {costs[AFFINE]:.2f} ms "
             f"(bilinear {costs['  (F.affine PIL, bilinear)']:.2f} ms)")
 
 

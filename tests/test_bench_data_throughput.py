@@ -40,7 +40,8 @@ def toy_rows() -> list[str]:
 
 
 def test_v3_recipe_with_build_time_clahe_against_its_per_core_ceiling(tmp_path):
-    """Default run: v3's augmentation, its CLAHE in the shards, (a) set against 1 core x 1 / its measured work."""
+    """Default run: v3's augmentation, its CLAHE in the shards, (a) set against 1 core x 1 / its measured work: the
+    8-bit decoder and its share of the batch normalised into shared memory, what the product's workers run."""
     rows_before = toy_rows()
     run = run_bench(tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -50,8 +51,8 @@ def test_v3_recipe_with_build_time_clahe_against_its_per_core_ceiling(tmp_path):
     assert "hflip" in header and "vflip" in header and "CLAHE 2,8 at build" in header, header
     manifest = json.loads((tmp_path / "shards-n16-s200-64-clahe" / "manifest.json").read_text())
     assert manifest["preprocessing"]["clahe"] == {"clip_limit": 2.0, "tile_grid": 8}
-    decoder = number(r"Decoder \(ours, whole sample\)\s+([\d.]+)", run.stdout)
-    hand_over = number(r"stack float \+ move to shared memory \(batch\)\s+([\d.]+)", run.stdout) / 32
+    decoder = number(r"uint8 decoder, whole sample \(a'\)\s+([\d.]+)", run.stdout)
+    hand_over = number(r"uint8 images normalised into a shared float batch \(batch\)\s+([\d.]+)", run.stdout) / 32
     ceiling = number(r"per-core ceiling of \(a\): 1 cores x 1/work = ([\d.]+) img/s", run.stdout)
     assert ceiling == pytest.approx(1000 / (decoder + hand_over), rel=0.05)
     ours = number(r"\(a\) ours \(TrainStream \+ make_loader\)\s+([\d.]+) img/s", run.stdout)
@@ -79,7 +80,7 @@ def test_fewer_images_than_a_batch_is_refused_in_one_line(tmp_path):
 
 
 def test_candidate_hand_overs_compute_what_the_product_hands_over():
-    """The two candidate hand-overs the row times give the product's batch (torch.stack of
+    """The hand-overs the row times (the product's and the earlier one) give the product's batch (torch.stack of
     to_normalised_tensor), in shared memory: their costs compare like with like."""
     sys.path.insert(0, str(REPO / "bench"))
     try:

@@ -66,6 +66,17 @@ def device_decodable(data: bytes, image_size: int) -> bool:
         return False
 
 
+def normalise_into(out: torch.Tensor, images: list[torch.Tensor], mean: tuple[float, ...],
+                   std: tuple[float, ...]) -> torch.Tensor:
+    """3xHxW uint8 `images` converted into the rows of the float batch `out`, then normalised in place:
+    the same float operations as `to_normalised_tensor` per image, with no float tensor per image."""
+    for row, image in zip(out, images):
+        row.copy_(image)
+    offset = torch.tensor([255.0 * m for m in mean]).view(1, 3, 1, 1)
+    scale = torch.tensor([255.0 * s for s in std]).view(1, 3, 1, 1)
+    return out.sub_(offset).div_(scale)
+
+
 def _chw(pixels: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 pixels as a 3xHxW uint8 tensor of its own (PIL's buffer is read-only and short-lived)."""
     return torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1).contiguous()
@@ -145,11 +156,7 @@ class Decoder:
             return default_collate(images)
         shape = (len(images), *images[0].shape)
         out = compat.shared_empty(shape, torch.float32) if get_worker_info() is not None else torch.empty(shape)
-        for row, image in zip(out, images):
-            row.copy_(image)
-        scale = torch.tensor([255.0 * s for s in self.std]).view(1, 3, 1, 1)
-        offset = torch.tensor([255.0 * m for m in self.mean]).view(1, 3, 1, 1)
-        return out.sub_(offset).div_(scale)
+        return normalise_into(out, images, self.mean, self.std)
 
     def __call__(self, sample: dict[str, Any], sample_seed: int) -> torch.Tensor:
         pixels = self._pixels(sample, sample_seed)
