@@ -34,6 +34,10 @@ class RunLocked(RunRefused):
     """Another job is already writing this run directory."""
 
 
+class LaunchError(UserError, RuntimeError):
+    """The processes were started in a way that cannot make the ranks asked for (e.g. SLURM's batch step)."""
+
+
 class CheckpointError(DistTrainError, RuntimeError):
     """A checkpoint that cannot be written or read; the previous one is intact."""
 

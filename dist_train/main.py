@@ -24,7 +24,7 @@ from typing import IO, TYPE_CHECKING
 
 from dist_train.cli_help import ArgumentParser, exit_codes
 from dist_train.config import Config, ConfigError, blame_override, load_config, save_config
-from dist_train.errors import DistTrainError, RunLocked, RunRefused, WeightsError, one_line
+from dist_train.errors import DistTrainError, LaunchError, RunLocked, RunRefused, WeightsError, one_line
 from dist_train.summary import format_summary
 from dist_train.train import preemption
 from dist_train.train.resume_check import ResumeRefused, check_resume, has_history, move_aside
@@ -99,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if not faulthandler.is_enabled() and sys.__stderr__ is not None:
         faulthandler.enable(sys.__stderr__)  # a rank that dies of a signal (a C++ abort) says where, in its log
-    env = distributed.init_distributed(cfg.train.device, cfg.engine.timeout_s, always=cfg.engine.kind == "deepspeed")
+    try:
+        env = distributed.init_distributed(cfg.train.device, cfg.engine.timeout_s,
+                                           always=cfg.engine.kind == "deepspeed")
+    except LaunchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
     _setup_logging(env)
     try:
         return _run(cfg, env, args.resume or cfg.checkpoint.resume, reraise_preempted=under_launcher)

@@ -2,7 +2,7 @@
 
 The rest of the code asks this module "am I rank 0?" and "gather this to rank 0"; it never touches
 torch.distributed directly. Environment discovery follows timm's `world_info_from_env`: torchrun
-(RANK/WORLD_SIZE), then SLURM (SLURM_PROCID/SLURM_NTASKS), else a single process.
+(RANK/WORLD_SIZE), then an srun step (SLURM_PROCID/SLURM_STEP_NUM_TASKS), else a single process.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dist_train.errors import LaunchError
 from dist_train.train import rendezvous
 
 
@@ -39,14 +40,22 @@ class DistEnv:
 
 
 def world_info_from_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun, SLURM or nothing (one process)."""
-    for rank_var, size_var, local_var in (
-        ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
-        ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
-    ):
-        if rank_var in os.environ and size_var in os.environ:
-            return int(os.environ[rank_var]), int(os.environ[size_var]), int(os.environ.get(local_var, 0))
-    return 0, 1, 0
+    """(rank, world_size, local_rank) from torchrun, an srun step, or nothing (one process).
+
+    SLURM's batch script (and an salloc shell) also has SLURM_PROCID=0 and SLURM_NTASKS, but is one process:
+    read as a world of SLURM_NTASKS, it waited for ranks nobody starts. Only an srun step (SLURM_STEP_ID)
+    runs a task per rank; its size is the step's (SLURM_STEP_NUM_TASKS)."""
+    environ = os.environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" not in environ or "SLURM_NTASKS" not in environ:
+        return 0, 1, 0
+    tasks = int(environ.get("SLURM_STEP_NUM_TASKS", environ["SLURM_NTASKS"]))
+    if "SLURM_STEP_ID" not in environ and tasks > 1:
+        raise LaunchError(f"SLURM allotted {tasks} tasks (SLURM_NTASKS) but this is the job's batch script, one "
+                          f"process: start one rank per task with `srun python -m dist_train.main ...` (or submit "
+                          f"with launch/submit.py), or ask for --ntasks=1")
+    return int(environ["SLURM_PROCID"]), tasks, int(environ.get("SLURM_LOCALID", 0))
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:

@@ -83,3 +83,25 @@ def test_two_plain_srun_jobs_at_once_both_train(shards, tmp_path):
         assert summary["world_size"] == 2
     (start_a, end_a), (start_b, end_b) = (job_span(name) for name in names)
     assert max(start_a, start_b) < min(end_a, end_b), "the two jobs did not run at the same time"
+
+
+def test_a_batch_script_that_runs_the_entry_itself_with_two_tasks_is_refused_at_once(shards, tmp_path):
+    """sbatch --ntasks=2 whose script calls `python -m dist_train.main` without srun: one process that used to
+    wait, as rank 0 of 2, for a rank 1 nobody starts (until the process-group timeout). Now: exit 2, one line."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in NOT_INHERITED and (not key.startswith("SLURM_") or key == "SLURM_CONF")}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(REPO))
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\n" + " ".join([
+        sys.executable, "-m", "dist_train.main", "--config", str(REPO / "configs" / "test_tiny.yaml"), "--set",
+        f"data.train_shards={shards}/train-{{000000..000001}}.tar", f"data.val_shards={shards}/val-000000.tar",
+        f"run_root={tmp_path / 'runs'}", "engine.timeout_s=120"]) + "\n")
+    out = tmp_path / "job.out"
+    started = time.monotonic()
+    job = subprocess.run(["sbatch", "--wait", "--ntasks", "2", "--cpus-per-task", "1", "--time", "5",
+                          "--job-name", f"batch-step-{os.getpid()}", f"--output={out}", str(script)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert job.returncode != 0 and time.monotonic() - started < 100, (job.stdout, out.read_text())
+    lines = [line for line in out.read_text().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: SLURM allotted 2 tasks") and "srun" in lines[0], lines
+    assert not (tmp_path / "runs").exists()

@@ -14,13 +14,15 @@ import sys
 import pytest
 import torch
 
+from dist_train.errors import LaunchError
 from dist_train.train import distributed, rendezvous
 
 from conftest import REPO
 
 RANK_AND_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SLURM_TASK = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID", "SLURM_STEP_ID",
-              "SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_STEP_NODELIST", "SLURM_NTASKS_PER_NODE")
+              "SLURM_STEP_NUM_TASKS", "SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_STEP_NODELIST",
+              "SLURM_NTASKS_PER_NODE")
 
 HAND_EXPANDED = {
     "gpu[017-018,020]": ["gpu017", "gpu018", "gpu020"],
@@ -34,14 +36,19 @@ HAND_EXPANDED = {
 
 @pytest.fixture
 def slurm_task(monkeypatch):
-    """Set the variables srun gives one task, on a clean environment (no launcher, no other job)."""
+    """Set the variables srun gives one task, on a clean environment (no launcher, no other job); `extra` may
+    override them or, set to "", remove one."""
     for name in RANK_AND_RENDEZVOUS + SLURM_TASK:
         monkeypatch.delenv(name, raising=False)
 
     def set_task(rank: int, ntasks: int, nodelist: str, job_id: str, **extra: str) -> None:
         for name, value in {"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(ntasks), "SLURM_JOB_ID": job_id,
+                            "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": str(ntasks),
                             "SLURM_JOB_NODELIST": nodelist, "SLURM_NODELIST": nodelist, **extra}.items():
-            monkeypatch.setenv(name, value)
+            if value:
+                monkeypatch.setenv(name, value)
+            else:
+                monkeypatch.delenv(name, raising=False)
 
     return set_task
 
@@ -172,6 +179,7 @@ def test_two_srun_style_ranks_meet_from_slurm_variables_alone(tmp_path):
     job_id, port = _job_id_with_free_port()
     base = {name: value for name, value in os.environ.items() if name not in RANK_AND_RENDEZVOUS + SLURM_TASK}
     base.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), SLURM_NTASKS="2", SLURM_JOB_ID=str(job_id),
+                SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="2",
                 SLURM_JOB_NODELIST="localhost,node-of-rank-1", SLURM_NODELIST="localhost,node-of-rank-1")
     ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], env={**base, "SLURM_PROCID": str(rank),
                                                                        "SLURM_LOCALID": "0"},
@@ -243,3 +251,19 @@ def test_gpu_runs_autotune_and_use_tf32_unless_deterministic(deterministic):
         assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == (not deterministic,) * 3
     finally:
         cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
+def test_the_batch_script_of_a_multi_task_job_is_refused_not_a_rank(slurm_task):
+    """sbatch --ntasks=2 running `python -m dist_train.main` itself (no srun): SLURM_PROCID=0, SLURM_NTASKS=2 and
+    no step (as the test cluster's batch step shows). Read as rank 0 of 2, it waited for a rank 1 nobody starts."""
+    slurm_task(0, 2, "node1", "4242", SLURM_STEP_ID="", SLURM_STEP_NUM_TASKS="")
+    with pytest.raises(LaunchError, match="batch script.*srun python -m dist_train.main.*--ntasks=1"):
+        distributed.world_info_from_env()
+    slurm_task(0, 1, "node1", "4242", SLURM_STEP_ID="", SLURM_STEP_NUM_TASKS="")  # one task: one process, fine
+    assert distributed.world_info_from_env() == (0, 1, 0)
+
+
+def test_an_srun_step_is_as_large_as_the_step_not_the_allocation(slurm_task):
+    """`srun --ntasks=2` inside a four-task allocation: two ranks."""
+    slurm_task(1, 4, "gpu[017-018]", "4242", SLURM_STEP_NUM_TASKS="2")
+    assert distributed.world_info_from_env()[:2] == (1, 2)
