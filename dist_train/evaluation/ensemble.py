@@ -14,8 +14,8 @@ the rule each export's threshold follows (β's operating point, `metrics.beta_th
 the ensemble's likelihoods on a labelled set; `launch/evaluate.py` with several `--model` writes it
 into `ensemble.json` with the members' paths (relative to it, so a folder holding both can move) and
 sha256 digests, and `--model ensemble.json` then gives predict.py (and evaluate.py on a test set) the
-members and that threshold. A member re-exported
-since then has another digest and is refused: the threshold was chosen for other weights.
+members and that threshold. A member re-exported since then has another digest and is refused: the
+threshold was chosen for other weights.
 
 Exactly once: an image any member could not score is one `bad` entry (the first reason), never a
 likelihood averaged over fewer members; all others get the mean of every member.

@@ -129,4 +129,3 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     elif signum == signal.SIGTERM:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
-
