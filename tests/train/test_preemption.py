@@ -146,3 +146,43 @@ def test_a_sigterm_while_a_worker_starts_does_not_kill_it():
 
     result = subprocess.run([sys.executable, "-c", NOTICE_AT_FORK], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[0, 1, 2]", result.stderr[-2000:]
+
+
+STALLED_WORKER = """
+import time
+
+import torch
+from dist_train.config import DataConfig
+from dist_train.train import preemption
+from dist_train.train.loader import training_loader
+
+
+class Stalls(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield 0
+        stuck_here()
+
+
+def stuck_here():
+    time.sleep(30)
+
+
+preemption.install_handlers()  # as every rank does (main.py): its workers are ended at exit
+loader = iter(training_loader(Stalls(), DataConfig(workers=1, prefetch_factor=2), False, timeout_s=4))
+print(next(loader))
+try:
+    next(loader)
+except RuntimeError as error:
+    print("raised:", error)
+"""
+
+
+def test_a_stalled_worker_prints_where_it_is_before_its_rank_times_out():
+    """CI twice saw a rank's worker produce nothing for 300 s, and the DataLoader's error says only that: the
+    worker now prints its own stack (faulthandler) at 90% of the timeout, so the log names the stuck line."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", STALLED_WORKER], capture_output=True, text=True, timeout=120)
+    assert "raised: DataLoader timed out" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "Timeout (0:00:03" in result.stderr and "stuck_here" in result.stderr, result.stderr[-2000:]
