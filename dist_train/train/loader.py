@@ -12,6 +12,7 @@ that: the rank's log then says where the worker was stuck.
 from __future__ import annotations
 
 import faulthandler
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,11 +43,13 @@ class StallReporting(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         iterator = iter(self.dataset)
-        watching = get_worker_info() is not None
+        # the process's own stderr: sys.stderr may be a stream without a file descriptor (captured, a notebook)
+        stderr = sys.__stderr__
+        watching = get_worker_info() is not None and stderr is not None
         try:
             while True:
-                if watching:
-                    faulthandler.dump_traceback_later(self.after_s)
+                if watching and stderr is not None:
+                    faulthandler.dump_traceback_later(self.after_s, file=stderr)
                 try:
                     item = next(iterator)
                 except StopIteration:
