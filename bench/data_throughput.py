@@ -62,6 +62,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
+from dist_train import compat
 from dist_train.config import AugmentConfig, DataConfig, load_config
 from dist_train.data.augment import Augmenter, to_normalised_tensor
 from dist_train.data.decode import normalise_into
@@ -243,9 +244,8 @@ def measure_rates(shards: Path, files: Path, args, recipe: Recipe) -> tuple[dict
 
 
 def shared_batch(like: torch.Tensor, count: int) -> torch.Tensor:
-    """An uninitialised batch of `count` tensors like `like`, in shared memory (how default_collate allocates)."""
-    storage = like._typed_storage()._new_shared(like.numel() * count, device=like.device)
-    return like.new(storage).resize_(count, *like.shape)
+    """An uninitialised batch of `count` tensors like `like`, in shared memory (the product's allocation)."""
+    return compat.shared_empty((count, *like.shape), like.dtype)
 
 
 def stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -8,6 +8,7 @@ tests/train/test_deepspeed_resume.py (universal load) and test_deepspeed_precisi
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -80,8 +81,5 @@ def submission_text(executor: Any) -> str:
 def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor in shared memory, allocated there (no copy), as torch's own `default_collate`
     allocates a worker's batch: a DataLoader worker that fills it sends only its handle to the main process."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
     return torch.empty(0, dtype=dtype).new(storage).view(shape)

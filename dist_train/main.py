@@ -17,7 +17,6 @@ import fcntl
 import logging
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -27,7 +26,13 @@ from dist_train.config import Config, ConfigError, blame_override, load_config, 
 from dist_train.errors import DistTrainError, LaunchError, RunLocked, RunRefused, WeightsError, one_line
 from dist_train.summary import format_summary
 from dist_train.train import preemption
-from dist_train.train.resume_check import ResumeRefused, check_resume, has_history, move_aside
+from dist_train.train.resume_check import (
+    ResumeRefused,
+    check_resume,
+    has_history,
+    move_aside,
+    set_aside_history_without_checkpoint,
+)
 
 if TYPE_CHECKING:
     from dist_train.train.distributed import DistEnv
@@ -229,7 +234,7 @@ def _claim_on_main(cfg: Config, env: DistEnv, resume: str) -> tuple[IO[str] | No
             if resume == "none" and has_history(cfg.run_dir):
                 lock = _start_afresh(cfg.run_dir, lock)
             elif resume == "auto":
-                _set_aside_history_without_checkpoint(cfg.run_dir)
+                _set_aside_history(cfg.run_dir)
             save_config(cfg, cfg.run_dir / "config.yaml")
             verdict = (None, allowed)
         except (RunLocked, ResumeRefused) as error:
@@ -259,23 +264,11 @@ def _start_afresh(run_dir: Path, lock: IO[str]) -> IO[str]:
     return fresh
 
 
-def _set_aside_history_without_checkpoint(run_dir: Path) -> None:
-    """--resume auto with a metrics history but no checkpoint (an attempt that ended before its first one):
-    this run starts at step 0, so its records would follow that attempt's; the history moves aside whole.
-    Only the history: under submitit the directory also holds this very job's logs."""
-    from dist_train.train import checkpoint
-
-    history = run_dir / "metrics.jsonl"
-    if not history.is_file() or checkpoint.resolve_resume("auto", run_dir) is not None:
-        return
-    stamp, attempt = time.strftime("%Y%m%d-%H%M%S"), 1
-    moved = history.with_name(f"metrics.{stamp}.jsonl")
-    while moved.exists():
-        attempt += 1
-        moved = history.with_name(f"metrics.{stamp}-{attempt}.jsonl")
-    os.rename(history, moved)
-    log.warning("--resume auto: no checkpoint in %s to resume; this run starts at step 0 and the earlier "
-                "attempt's history moved to %s", run_dir, moved)
+def _set_aside_history(run_dir: Path) -> None:
+    moved = set_aside_history_without_checkpoint(run_dir)
+    if moved is not None:
+        log.warning("--resume auto: no checkpoint in %s to resume; this run starts at step 0 and the earlier "
+                    "attempt's history moved to %s", run_dir, moved)
 
 
 def _lock_run_dir(run_dir: Path) -> IO[str]:

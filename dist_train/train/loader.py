@@ -44,20 +44,19 @@ class StallReporting(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         iterator = iter(self.dataset)
         # the process's own stderr: sys.stderr may be a stream without a file descriptor (captured, a notebook)
-        stderr = sys.__stderr__
-        watching = get_worker_info() is not None and stderr is not None
+        stderr = sys.__stderr__ if get_worker_info() is not None else None
         try:
             while True:
-                if watching and stderr is not None:
+                if stderr is not None:
                     faulthandler.dump_traceback_later(self.after_s, file=stderr)
                 try:
                     item = next(iterator)
                 except StopIteration:
                     return
                 finally:
-                    if watching:
+                    if stderr is not None:  # never another watchdog's (pytest's faulthandler_timeout)
                         faulthandler.cancel_dump_traceback_later()
                 yield item
         finally:
-            if watching:
+            if stderr is not None:
                 faulthandler.cancel_dump_traceback_later()

@@ -146,16 +146,37 @@ def has_history(run_dir: Path) -> bool:
     return (run_dir / "metrics.jsonl").exists() or (checkpoints.is_dir() and any(checkpoints.iterdir()))
 
 
-def move_aside(run_dir: Path) -> Path:
-    """Rename the old run, whole and untouched, to `<run_dir>.<timestamp>`; returns where it went."""
+def aside_path(path: Path, stem: str, suffix: str = "") -> Path:
+    """`<stem>.<timestamp><suffix>` beside `path`, with `-2`, `-3`... after the timestamp until no file has it."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    target, attempt = run_dir.with_name(f"{run_dir.name}.{stamp}"), 1
+    target, attempt = path.with_name(f"{stem}.{stamp}{suffix}"), 1
     while target.exists():
         attempt += 1
-        target = run_dir.with_name(f"{run_dir.name}.{stamp}-{attempt}")
+        target = path.with_name(f"{stem}.{stamp}-{attempt}{suffix}")
+    return target
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename the old run, whole and untouched, to `<run_dir>.<timestamp>`; returns where it went."""
+    target = aside_path(run_dir, run_dir.name)
     try:
         os.rename(run_dir, target)
     except OSError as error:
         raise ResumeRefused(f"--resume none: could not move the earlier run {run_dir} aside to {target} "
                             f"({error.strerror}); move or remove it yourself, or use another name") from None
     return target
+
+
+def set_aside_history_without_checkpoint(run_dir: Path) -> Path | None:
+    """--resume auto with a metrics history but no checkpoint (an attempt that ended before its first one):
+    this run starts at step 0, so its records would follow that attempt's; the history moves aside whole,
+    to `metrics.<timestamp>.jsonl`, which is returned (None when there was nothing to move). Only the
+    history: under submitit the directory also holds this very job's logs."""
+    from dist_train.train import checkpoint
+
+    history = run_dir / "metrics.jsonl"
+    if not history.is_file() or checkpoint.resolve_resume("auto", run_dir) is not None:
+        return None
+    moved = aside_path(history, "metrics", ".jsonl")
+    os.rename(history, moved)
+    return moved
