@@ -9,6 +9,7 @@ C++ backend on the CPU) against the eager run.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -59,6 +60,7 @@ def _losses(env, shards, run_root, engine: str, compiled: bool) -> list[float]:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor's CPU backend needs a C++ compiler (g++)")
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
 def test_a_compiled_run_executes_and_trains_as_the_eager_one(engine, make_shards, tmp_path):
     """torch.compile (inductor on the CPU, a real compilation) of what each engine runs: the same losses as the
