@@ -33,7 +33,7 @@ from submitit.helpers import Checkpointable
 from dist_train import compat
 from dist_train.config import Config, SlurmConfig, load_config
 from dist_train.errors import UserError
-from dist_train.train import preemption
+from dist_train.train import preemption, rendezvous
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUBMISSIONS_FILE = "submissions.jsonl"
@@ -159,7 +159,7 @@ class TrainingJob(Checkpointable):
         self.argv = list(argv)
 
     def __call__(self) -> dict[str, Any]:
-        dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        dist_env = export_rendezvous()
         print(f"dist_train: rank {dist_env.rank}/{dist_env.world_size} on {socket.gethostname()}, "
               f"rendezvous {dist_env.master_addr}:{dist_env.master_port}", flush=True)
         # submitit's own handler checkpoints and requeues at once; keep it for after our save.
@@ -186,6 +186,21 @@ class TrainingJob(Checkpointable):
             sys.exit(0)
         if callable(submitit_requeue):
             submitit_requeue(preemption.NOTICE_SIGNAL, None)
+
+
+def export_rendezvous() -> submitit.helpers.TorchDistributedEnvironment:
+    """submitit's rank variables and rendezvous host, with the port by our SLURM rule.
+
+    submitit draws its port from 20000-60000 (seeded by the job id), and two in three of those lie in
+    Linux's ephemeral range, where any outgoing connection on the node may already hold it: rank 0 then
+    fails with EADDRINUSE (seen on the test cluster, job 114 -> port 46368). Our rule keeps the port
+    below that range and apart for neighbouring jobs and steps. A MASTER_PORT the job was given wins
+    (submitit reads it); `overwrite` because submitit otherwise refuses any variable already set, ours too.
+    """
+    port = rendezvous.slurm_master_port(os.environ)
+    if port is not None:
+        os.environ.setdefault("MASTER_PORT", port)
+    return submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def _own_stderr_tail(lines: int = 30) -> str:

@@ -192,6 +192,30 @@ def test_two_srun_style_ranks_meet_from_slurm_variables_alone(tmp_path):
         ["localhost", str(port), "0", "2", "3"], ["localhost", str(port), "1", "2", "3"]]
 
 
+@pytest.mark.parametrize("job_id", ["114", "4242"])
+def test_a_submitit_job_meets_on_our_port_below_the_ephemeral_range(slurm_task, monkeypatch, job_id):
+    """submitit would take random.Random(job id).randint(20000, 60000): 46368 for job 114, where an outgoing
+    connection on the node can already hold the port (EADDRINUSE on the test cluster). Ours is the rule's."""
+    from dist_train.slurm.job import export_rendezvous
+
+    slurm_task(1, 2, "gpu[017-018]", job_id, SLURM_LOCALID="0", SLURM_NODEID="1", SLURM_JOB_NUM_NODES="2")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    ephemeral_low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    expected = 15000 + (31 * int(job_id)) % 17000  # by hand: 18534 for job 114, 27502 for job 4242
+    dist_env = export_rendezvous()
+    assert (dist_env.master_addr, dist_env.master_port, dist_env.rank) == ("gpu017", expected, 1)
+    assert os.environ["MASTER_PORT"] == str(expected) and expected < ephemeral_low
+
+
+def test_a_submitit_job_keeps_the_port_it_was_given(slurm_task, monkeypatch):
+    from dist_train.slurm.job import export_rendezvous
+
+    slurm_task(0, 2, "gpu[017-018]", "114", SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_JOB_NUM_NODES="2")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("MASTER_PORT", "12345")
+    assert export_rendezvous().master_port == 12345
+
+
 # ------------------------------------------------------------------ devices
 
 
