@@ -336,6 +336,7 @@ def plot_reliability(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> 
 
 def plot_comparison(runs: list[RunData], path: Path) -> Path:
     """compare.py's PNG: val α and train loss per epoch, runs overlaid."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     plot_curves(runs, val_keys=("alpha",)).savefig(path, format="png")
     return Path(path)
 

@@ -12,9 +12,11 @@ from pathlib import Path
 
 from dist_train import report
 from dist_train.cli_help import ArgumentParser, exit_codes
+from dist_train.outputs import file_problem
 
 EXIT_CODES = {0: "table printed", 1: "no wandb run matched",
-              2: "bad input: not a run directory, both or neither of runs and --wandb-project, wandb unavailable"}
+              2: "bad input: not a run directory, both or neither of runs and --wandb-project, a --plot that is not "
+                 "a .png one may write, wandb unavailable"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,8 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     missing = report.not_run_dirs(args.runs)
     if missing:
         parser.error(f"not a run directory (none of {', '.join(report.RUN_FILES)}): {', '.join(missing)}")
-    if args.plot is not None and args.plot.is_dir():
-        parser.error(f"--plot {args.plot} is a folder: give the PNG file to write, e.g. {args.plot / 'curves.png'}")
+    problem = args.plot and file_problem("--plot", args.plot, (".png",), "curves.png")
+    if problem:
+        parser.error(problem)
     return args
 
 

@@ -9,21 +9,24 @@ from pathlib import Path
 from dist_train.cli_help import ArgumentParser, exit_codes
 from dist_train.errors import CheckpointError
 from dist_train.evaluation.inference import export
+from dist_train.outputs import file_problem
 
 
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0],
                             epilog=exit_codes({0: "exported",
-                                               2: "bad input (no checkpoint, a wrong --out), nothing written"}))
+                                               2: "bad input (no checkpoint, a wrong --out, an earlier export without --overwrite), nothing written"}))
     parser.add_argument("source", type=Path,
                         help="run directory (its best, else latest checkpoint) or checkpoint folder")
     parser.add_argument("--out", type=Path,
                         help="the .safetensors to write, its .json beside it (default: <run>/export/model.safetensors)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     args = parser.parse_args(argv)
     out = args.out or (args.source / "export" / "model.safetensors")
-    if out.is_dir() or out.suffix != ".safetensors":
-        print(f"error: --out {out}: give a file name ending in .safetensors (its .json goes beside it), "
-              f"e.g. {out / 'model.safetensors' if out.is_dir() else out.with_suffix('.safetensors')}", file=sys.stderr)
+    problem = file_problem("--out", out, (".safetensors",), "model.safetensors", overwrite=args.overwrite,
+                           beside=(out.with_suffix(".json"),))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         path = export(args.source, out)

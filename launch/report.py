@@ -14,15 +14,16 @@ import sys
 from pathlib import Path
 
 from dist_train.cli_help import ArgumentParser, exit_codes
+from dist_train.outputs import file_problem
 from dist_train.report import CAMS_PER_CATEGORY, RUN_FILES, not_run_dirs, write_report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="launch/report.py", description=__doc__, epilog=exit_codes(
-        {0: "report written", 2: "bad input: not a run directory, or --out is a folder (nothing written)"}))
+        {0: "report written", 2: "bad input: not a run directory, or --out is not an .html file one may write (nothing written)"}))
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (runs/<name>)")
     parser.add_argument("--out", type=Path, default=Path("report.html"),
-                        help="HTML file to write (replaced if it exists; its folder is created)")
+                        help="HTML file to write (an .html replaced if it exists; its folder is created)")
     parser.add_argument("--cams", type=int, default=CAMS_PER_CATEGORY, metavar="K",
                         help="images per category (true positives, false negatives, false positives) shown with "
                              "their Grad-CAM overlay; 0 skips the maps (default: %(default)s)")
@@ -32,8 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     missing = not_run_dirs(args.runs)
     if missing:
         parser.error(f"not a run directory (none of {', '.join(RUN_FILES)}): {', '.join(missing)}")
-    if args.out.is_dir():
-        parser.error(f"--out {args.out} is a folder: give the HTML file to write, e.g. {args.out / 'report.html'}")
+    problem = file_problem("--out", args.out, (".html", ".htm"), "report.html")
+    if problem:
+        parser.error(problem)
     return args
 
 

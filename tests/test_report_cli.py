@@ -42,7 +42,7 @@ def test_report_out_that_is_a_folder_is_refused(tmp_path, capsys):
     run.mkdir()
     (run / "config.yaml").write_text("name: run\n")
     message = refused(capsys, "report", [str(run), "--out", str(tmp_path)])
-    assert f"--out {tmp_path} is a folder" in message and "report.html" in message
+    assert f"--out {tmp_path}: is a folder" in message and "report.html" in message
 
 
 def test_a_negative_cams_count_is_refused_before_anything_is_written(tmp_path, capsys):
@@ -65,3 +65,35 @@ def test_cams_zero_writes_the_report_without_the_maps_section(tmp_path):
     assert load_cli("report").main([str(run), "--out", str(with_maps)]) == 0
     assert "What the model looks at" not in out.read_text()
     assert "No class-activation maps: run has no checkpoint" in with_maps.read_text()
+
+
+def run_with_history(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: run\n")
+    (run / "metrics.jsonl").write_text('{"kind": "eval", "step": 1, "time": 0, "alpha": 0.5}\n')
+    (run / "summary.json").write_text('{"best_alpha": 0.5}\n')
+    return run
+
+
+@pytest.mark.parametrize("name, option, target", [("report", "--out", "metrics.jsonl"),
+                                                   ("compare", "--plot", "summary.json")])
+def test_a_run_file_given_as_the_output_is_refused_and_kept(tmp_path, capsys, name, option, target):
+    """Before, report.py --out run/metrics.jsonl replaced the run's history with HTML, and compare.py
+    --plot run/summary.json wrote a PNG over it; both exited 0. The oracle is the file's bytes."""
+    run = run_with_history(tmp_path)
+    before = (run / target).read_bytes()
+    message = refused(capsys, name, [str(run), option, str(run / target)])
+    assert f"{option} {run / target}" in message and (".html" if name == "report" else ".png") in message
+    assert (run / target).read_bytes() == before
+
+
+@pytest.mark.parametrize("name, option, leaf", [("report", "--out", "r.html"), ("compare", "--plot", "c.png")])
+def test_an_output_under_a_file_is_refused_in_one_line(tmp_path, capsys, name, option, leaf):
+    """Before: FileExistsError/NotADirectoryError tracebacks (compare's after printing its table)."""
+    run = run_with_history(tmp_path)
+    blocker = tmp_path / "afile"
+    blocker.write_text("in the way")
+    message = refused(capsys, name, [str(run), option, str(blocker / leaf)])
+    assert f"{blocker} is a file, not a folder" in message
+    assert capsys.readouterr().out == ""

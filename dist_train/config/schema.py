@@ -284,7 +284,8 @@ class EvalConfig:
     early_stopping_patience: int | None = None
     """Evaluations without improvement before stopping; None never stops early."""
     bootstrap: int = 0
-    """Bootstrap resamples for 95% intervals (0 = none)."""
+    """Bootstrap resamples for 95% intervals (0 = none). With several ranks, rank 0 stops resampling at half of
+    engine.timeout_s (the others wait for it) and warns."""
 
     def validate(self, check: _Check) -> None:
         check.range("every_epochs", self.every_epochs, 1, 100_000)

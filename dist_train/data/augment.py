@@ -24,20 +24,26 @@ from dist_train.config import AugmentConfig
 TTA_VIEWS = {"none": 1, "hflip": 2, "five_crop_hflip": 10}
 
 
+def normalisation(mean: tuple[float, ...], std: tuple[float, ...],
+                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(255 * mean, 255 * std) as 1x3x1x1 float tensors: what every path subtracts from 8-bit pixels and
+    divides by. One source, so the image, batch and device paths stay bitwise equal."""
+    offset = torch.tensor([255.0 * m for m in mean], device=device).view(1, 3, 1, 1)
+    return offset, torch.tensor([255.0 * s for s in std], device=device).view(1, 3, 1, 1)
+
+
 def to_normalised_tensor(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """HxWx3 uint8 to a 3xHxW float tensor normalised with the backbone's mean and std, in one pass."""
     tensor = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1).float()
-    scale = torch.tensor([255.0 * s for s in std]).view(3, 1, 1)
-    offset = torch.tensor([255.0 * m for m in mean]).view(3, 1, 1)
-    return tensor.sub_(offset).div_(scale)
+    offset, scale = normalisation(mean, std)
+    return tensor.sub_(offset[0]).div_(scale[0])
 
 
 class Normaliser:
     """Normalise a uint8 batch where it already is (the GPU): what workers skip with Decoder(normalise=False)."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
-        self.offset = torch.tensor([255.0 * m for m in mean], device=device).view(1, 3, 1, 1)
-        self.scale = torch.tensor([255.0 * s for s in std], device=device).view(1, 3, 1, 1)
+        self.offset, self.scale = normalisation(mean, std, device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return images if images.is_floating_point() else (images.float() - self.offset) / self.scale

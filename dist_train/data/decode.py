@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import default_collate, get_worker_info
 
 from dist_train import compat
-from dist_train.data.augment import Augmenter, AugmentParams, to_normalised_tensor
+from dist_train.data.augment import Augmenter, AugmentParams, normalisation, to_normalised_tensor
 from dist_train.data.transforms import apply_clahe
 from dist_train.errors import DataError
 
@@ -72,8 +72,7 @@ def normalise_into(out: torch.Tensor, images: list[torch.Tensor], mean: tuple[fl
     the same float operations as `to_normalised_tensor` per image, with no float tensor per image."""
     for row, image in zip(out, images):
         row.copy_(image)
-    offset = torch.tensor([255.0 * m for m in mean]).view(1, 3, 1, 1)
-    scale = torch.tensor([255.0 * s for s in std]).view(1, 3, 1, 1)
+    offset, scale = normalisation(mean, std)
     return out.sub_(offset).div_(scale)
 
 

@@ -12,7 +12,8 @@ anything else they decode with PIL as the CPU path does, so what PIL rejects is 
 A batch call still fails as a whole when one JPEG is bad inside, so on failure each image is decoded
 alone; one that nvJPEG refuses is decoded by PIL on the host as the CPU path would, and only one PIL
 rejects too joins `batch.bad` - the one place the paths differ: that batch is one sample short, where
-the CPU path would have filled it with the next sample. Per-epoch CLAHE has no GPU kernel: the
+the CPU path would have filled it with the next sample. A training batch with no sample left stops the
+run (`DeviceDecoder.training_batch`): skipping it would leave the rank a step short. Per-epoch CLAHE has no GPU kernel: the
 config refuses it with data.decode=cuda (build the shards with --clahe instead).
 """
 
@@ -30,6 +31,7 @@ from dist_train.config import DataConfig
 from dist_train.data.augment import Augmenter, augment_batch
 from dist_train.data.decode import Decoder, EncodedBatch, decode_rgb
 from dist_train.data.stream import Batch
+from dist_train.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,20 @@ class DeviceDecoder:
             stacked = augment_batch(stacked, encoded.params[kept], self.interpolation)
         return dataclasses.replace(batch, images=stacked, labels=batch.labels[kept],
                                    keys=[batch.keys[index] for index in kept], bad=batch.bad + bad, encoded=None)
+
+    def training_batch(self, batch: Batch) -> Batch:
+        """As a call, but a training batch none of whose samples decodes is a DataError.
+
+        The workers counted it towards this rank's quota of micro-batches, and the CPU path's refilling
+        cannot happen here: skipped, it would leave this rank one step short of the others (a collective
+        paired with the wrong one, or a hang) and its resume position off by one batch."""
+        decoded = self(batch)
+        if batch.encoded is not None and not decoded.keys:
+            shard, key, reason = decoded.bad[-1]
+            raise DataError(f"no sample of a training batch decodes ({len(batch.keys)} bad, last {key} in {shard}: "
+                            f"{reason}); data.decode=cuda cannot replace them: train with data.decode=cpu, which "
+                            f"skips corrupt samples, or rebuild the shard (shards/build.py verify names them)")
+        return decoded
 
     def _decode(self, encoded: EncodedBatch) -> tuple[list[torch.Tensor | None], list[tuple[int, str]]]:
         """Every payload as a 3xHxW uint8 tensor on the device (None where it failed), and why each failed."""

@@ -14,6 +14,7 @@ a `warnings.warn` says why.
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -132,36 +133,45 @@ def confusion_at(y_true, y_score, threshold: float) -> dict[str, int]:
             "fn": int((~predicted & actual).sum()), "tp": int((predicted & actual).sum())}
 
 
-def bootstrap_ci(y_true, y_score, metric_fn: Callable[[np.ndarray, np.ndarray], float], n: int,
-                 seed: int = 0) -> tuple[float, float]:
-    """95 % percentile interval of `metric_fn` over `n` stratified bootstrap resamples.
+def bootstrap_cis(y_true, y_score, metric_fns: dict[str, Callable[[np.ndarray, np.ndarray], float]], n: int,
+                  seed: int = 0, deadline: float | None = None) -> tuple[dict[str, tuple[float, float]], int]:
+    """95 % percentile intervals of each metric over up to `n` stratified bootstrap resamples, and how
+    many were drawn: every metric is scored on the same resamples, and none is drawn after `deadline`
+    (a `time.monotonic()` value) once at least one was.
 
     Resampling within each class keeps the prevalence fixed: with 1–3 % positives a plain
     resample often holds a handful of positives or none, which widens the interval for no reason.
     """
     labels, scores = _checked(y_true, y_score)
-    if n <= 0 or not _has_both_classes(labels, "bootstrap_ci"):
-        return float("nan"), float("nan")
+    nan = {name: (float("nan"), float("nan")) for name in metric_fns}
+    if n <= 0 or not _has_both_classes(labels, "bootstrap_cis"):
+        return nan, 0
     rng = np.random.default_rng(seed)
     positive_index, negative_index = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    values = np.empty(n)
+    values = np.empty((n, len(metric_fns)))
+    drawn = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for draw in range(n):
+        while drawn < n and not (drawn and deadline is not None and time.monotonic() > deadline):
             sample = np.concatenate([rng.choice(positive_index, positive_index.size),
                                      rng.choice(negative_index, negative_index.size)])
-            values[draw] = metric_fn(labels[sample], scores[sample])
-    low, high = np.nanpercentile(values, [2.5, 97.5])
-    return float(low), float(high)
+            values[drawn] = [metric_fn(labels[sample], scores[sample]) for metric_fn in metric_fns.values()]
+            drawn += 1
+    bounds = np.nanpercentile(values[:drawn], [2.5, 97.5], axis=0)
+    return {name: (float(bounds[0, column]), float(bounds[1, column])) for column, name in enumerate(metric_fns)}, drawn
 
 
-def compute_all(y_true, y_score, bootstrap: int = 0, seed: int = 0) -> dict[str, float | int | list[float]]:
+def compute_all(y_true, y_score, bootstrap: int = 0, seed: int = 0,
+                time_budget_s: float | None = None) -> dict[str, float | int | list[float]]:
     """Every evaluation figure in one dict; confusion counts are taken at the β threshold.
 
     Keys: alpha, beta, auc, pauc_raw, beta_threshold, tn, fp, fn, tp, n, positives, and
-    alpha_ci/beta_ci/auc_ci ([low, high]) when `bootstrap` > 0. With one class only the ROC
-    figures are NaN (one warning) and the counts are those of predicting no positive.
+    alpha_ci/beta_ci/auc_ci ([low, high]) and bootstrap_resamples when `bootstrap` > 0; with
+    `time_budget_s` the resampling stops after that many seconds (bootstrap_resamples says where).
+    With one class only the ROC figures are NaN (one warning) and the counts are those of
+    predicting no positive.
     """
+    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     labels, scores = _checked(y_true, y_score)
     result: dict[str, float | int | list[float]] = {"n": int(labels.size), "positives": int(labels.sum())}
     if _has_both_classes(labels, "compute_all"):
@@ -173,8 +183,10 @@ def compute_all(y_true, y_score, bootstrap: int = 0, seed: int = 0) -> dict[str,
         result.update(dict.fromkeys(("alpha", "beta", "auc", "pauc_raw", "beta_threshold"), float("nan")))
     result.update(confusion_at(labels, scores, float(cast(float, result["beta_threshold"]))))
     if bootstrap > 0:
-        for name, metric_fn in (("alpha", airogs_alpha), ("beta", airogs_beta), ("auc", auc)):
-            result[f"{name}_ci"] = list(bootstrap_ci(labels, scores, metric_fn, bootstrap, seed))
+        intervals, drawn = bootstrap_cis(labels, scores, {"alpha": airogs_alpha, "beta": airogs_beta, "auc": auc},
+                                         bootstrap, seed, deadline)
+        result.update({f"{name}_ci": list(interval) for name, interval in intervals.items()})
+        result["bootstrap_resamples"] = drawn
     return result
 
 

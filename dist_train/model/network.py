@@ -10,6 +10,7 @@ inference without any distributed machinery.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import importlib
@@ -316,13 +317,16 @@ def read_checkpoint(path: str) -> Any:
     """What a .safetensors or weights-only torch file holds; a pickled payload with code is refused.
 
     Read as saved (wrappers such as 'model' or 'teacher' kept): `weight_formats` tells the layouts apart.
+    MAE-style training scripts (RETFound's among them) save their `args` beside the weights: an
+    argparse.Namespace holds only attributes, so it is allowed; what it holds is still checked.
     """
     if not Path(path).is_file():
         raise WeightsError(f"model.pretrained: weight file {path} does not exist")
     if path.endswith(".safetensors"):
         return _load_safetensors(path, "model.pretrained")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as error:
         raise WeightsError(f"model.pretrained: {path} is not a plain weights file (torch.load weights_only "
                          f"refused it: {_refusal_reason(error)}); convert it to .safetensors") from None

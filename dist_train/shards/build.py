@@ -381,6 +381,27 @@ def _check_out_dir(out_dir: Path, csv_sha256: str, options: BuildOptions) -> Non
     if manifest["preprocessing"] != options.preprocessing():
         raise ShardInputError(f"{out_dir} holds shards preprocessed with {manifest['preprocessing']}; "
                               "choose another --out")
+    _check_same_layout(out_dir, manifest, options)
+
+
+def _check_same_layout(out_dir: Path, manifest: dict, options: BuildOptions) -> None:
+    """Refuse another split or shard size over a finished build: rebuilt, a run's validation images could
+    move into its training shards, and shards that runs name would be renumbered or deleted."""
+    sharding = manifest.get("sharding", {})
+    before = {**manifest.get("split", {}), **{key: sharding[key] for key in LAYOUT_KEYS if key in sharding}}
+    now = {**options.split_record(), **{key: getattr(options, key) for key in LAYOUT_KEYS}}
+    changed = [f"{_flag(key)} {value} (now {now.get(key)})" for key, value in before.items() if value != now.get(key)]
+    if changed:
+        raise ShardInputError(f"{out_dir} holds a build with {', '.join(changed)}; rebuilding it would move "
+                              f"samples between train and val or renumber the shards runs name: choose another "
+                              f"--out, or delete {out_dir} first")
+
+
+LAYOUT_KEYS = ("shard_size", "max_shard_bytes")
+
+
+def _flag(key: str) -> str:
+    return {"column": "--split-column", "method": "split method"}.get(key, "--" + key.replace("_", "-"))
 
 
 def _prepare_out_dir(out_dir: Path, plans: list[ShardPlan]) -> None:

@@ -227,7 +227,7 @@ class Trainer:
                              shard_samples=self.train_counts.per_shard)
         pin_memory = self.cfg.data.pin_memory and self.env.device.type == "cuda"
         for batch in self.loader_factory(stream, self.cfg.data, pin_memory, self.cfg.engine.timeout_s):
-            batch = self.device_decode(batch)  # data.decode=cuda: here, so its corrupt samples are counted below
+            batch = self.device_decode.training_batch(batch)  # data.decode=cuda: its corrupt samples count below
             self.bad_samples.note(batch)
             if batch.keys:
                 yield batch
@@ -349,7 +349,7 @@ class Trainer:
     def _record(self, epoch: int, train_stats: EpochStats, merged: scoring.Scores) -> dict[str, Any]:
         """Rank 0: the official metrics and the epoch's figures; predictions, ROC plot and log written."""
         faults.point("scoring.record")
-        record = metrics.compute_all(merged.labels, merged.scores, bootstrap=self.cfg.eval.bootstrap)
+        record = self._metrics(merged)
         record.update(epoch=epoch, val_loss=merged.loss_sum / max(len(merged.keys), 1),
                       predicted_positives=sum(score > 0.5 for score in merged.scores),
                       train_loss=train_stats.loss_sum / max(train_stats.samples, 1),
@@ -362,6 +362,22 @@ class Trainer:
         self.tracker.log_eval(self.state.step, record, roc_png)
         log.info("epoch %d: alpha %.4f beta %.4f auc %.4f val_loss %.4f", epoch, record["alpha"],
                  record["beta"], record["auc"], record["val_loss"])
+        return record
+
+    def _metrics(self, merged: scoring.Scores) -> dict[str, Any]:
+        """The official metrics with eval.bootstrap's intervals. Rank 0 resamples while the other ranks wait in a
+        collective that fails after engine.timeout_s (about 1 s per 100 resamples of 10,000 scores), so with
+        other ranks the resampling stops at half of it, with a warning, rather than the run dying of it."""
+        wanted = self.cfg.eval.bootstrap
+        budget_s = self.cfg.engine.timeout_s / 2 if self.env.is_distributed else None
+        record = metrics.compute_all(merged.labels, merged.scores, bootstrap=wanted, time_budget_s=budget_s)
+        drawn = record.get("bootstrap_resamples")
+        if isinstance(drawn, int) and 0 < drawn < wanted:  # 0: one class only, no interval at all
+            message = (f"eval.bootstrap: {drawn} of {wanted} resamples in the {budget_s:.0f} s "
+                       f"the other ranks can wait for rank 0 (half of engine.timeout_s), and the intervals use "
+                       f"those: lower eval.bootstrap or raise engine.timeout_s")
+            log.warning(message)
+            self.tracker.log_event("warning", {"message": message, "epoch": self.state.epoch})
         return record
 
     def _decide(self, epoch: int, stats: EpochStats, record: dict[str, Any]) -> Decision:

