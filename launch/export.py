@@ -15,7 +15,8 @@ from dist_train.outputs import file_problem
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(description=__doc__.splitlines()[0],
                             epilog=exit_codes({0: "exported",
-                                               2: "bad input (no checkpoint, a wrong --out, an earlier export without --overwrite), nothing written"}))
+                                               2: "bad input (no checkpoint, a wrong --out, an earlier export without --overwrite), "
+                                                  "nothing written"}))
     parser.add_argument("source", type=Path,
                         help="run directory (its best, else latest checkpoint) or checkpoint folder")
     parser.add_argument("--out", type=Path,

@@ -20,7 +20,8 @@ from dist_train.report import CAMS_PER_CATEGORY, RUN_FILES, not_run_dirs, write_
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="launch/report.py", description=__doc__, epilog=exit_codes(
-        {0: "report written", 2: "bad input: not a run directory, or --out is not an .html file one may write (nothing written)"}))
+        {0: "report written",
+         2: "bad input: not a run directory, or --out is not an .html file one may write (nothing written)"}))
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (runs/<name>)")
     parser.add_argument("--out", type=Path, default=Path("report.html"),
                         help="HTML file to write (an .html replaced if it exists; its folder is created)")
