@@ -13,10 +13,9 @@ from dist_train.outputs import file_problem
 
 
 def main(argv: list[str]) -> int:
-    parser = ArgumentParser(description=__doc__.splitlines()[0],
-                            epilog=exit_codes({0: "exported",
-                                               2: "bad input (no checkpoint, a wrong --out, an earlier export without --overwrite), "
-                                                  "nothing written"}))
+    codes = {0: "exported", 2: "bad input (no checkpoint, a wrong --out, an earlier export without --overwrite), "
+                               "nothing written"}
+    parser = ArgumentParser(description=__doc__.splitlines()[0], epilog=exit_codes(codes))
     parser.add_argument("source", type=Path,
                         help="run directory (its best, else latest checkpoint) or checkpoint folder")
     parser.add_argument("--out", type=Path,
