@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -86,16 +87,31 @@ def load_run(run_dir: Path) -> RunData:
     """Read a run directory; a file that is missing leaves its part empty rather than failing."""
     run_dir = Path(run_dir)
     config_path, summary_path = run_dir / "config.yaml", run_dir / "summary.json"
-    config_text = config_path.read_text() if config_path.is_file() else ""
+    config_text = config_path.read_text(errors="replace") if config_path.is_file() else ""
     return RunData(
         name=run_dir.name,
-        config=(yaml.safe_load(config_text) or {}) if config_text else {},
+        config=_readable(config_path, lambda: yaml.safe_load(config_text)),
         records=read_history(run_dir / "metrics.jsonl"),
-        summary=json.loads(summary_path.read_text()) if summary_path.is_file() else {},
+        summary=_readable(summary_path, lambda: json.loads(summary_path.read_text())),
         predictions=read_predictions(run_dir / "predictions_val.csv"),
         config_text=config_text,
         path=run_dir,
     )
+
+
+def _readable(path: Path, read: Callable[[], Any]) -> dict[str, Any]:
+    """A run file's mapping; {} when it is missing or (with a warning naming it) not what its name says."""
+    if not path.is_file():
+        return {}
+    try:
+        value = read()
+    except (ValueError, yaml.YAMLError) as error:
+        value = error
+    if not isinstance(value, dict):
+        reason = f"{type(value).__name__}: {first_line(value)}" if isinstance(value, Exception) else "not a mapping"
+        log.warning("%s is unreadable (%s): left out of the report", path, reason)
+        return {}
+    return value
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:

@@ -102,3 +102,33 @@ def test_every_recipe_states_the_global_batch_it_was_tuned_at(name):
     """The users' Keras recipes ran at a global batch of 32; the demos at 16 per rank on 2 ranks."""
     config = load_config(REPO / "configs" / f"{name}.yaml")
     assert config.optim.reference_global_batch == 32 and config.optim.lr_scaling == "none"
+
+
+@pytest.mark.parametrize("override", ["optim.lr={", "train.epochs=[1", "name=@x"])
+def test_a_set_value_that_is_not_yaml_is_one_line_naming_set(override, tmp_path):
+    """Before: a yaml.scanner/parser traceback from the command line, also under --nproc-per-node."""
+    key, _, value = override.partition("=")
+    with pytest.raises(ConfigError) as raised:
+        load_config(_write(tmp_path, ""), [override])
+    message = str(raised.value)
+    assert message.startswith(f"--set: {key}: ") and "not a valid YAML value" in message and "\n" not in message
+    assert f"'{key}=\"{value}\"'" in message
+
+
+def test_a_binary_file_as_config_is_one_line(tmp_path):
+    """Before: UnicodeDecodeError (e.g. --config given a fundus JPEG)."""
+    image = tmp_path / "image.jpg"
+    image.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00\xff\xdb")
+    with pytest.raises(ConfigError) as raised:
+        load_config(image)
+    assert str(raised.value).startswith(f"{image}: ") and "not a text file" in str(raised.value)
+
+
+@pytest.mark.parametrize("text, key", [("foo: 1\n", "foo"), ("loss: 3\n", "loss")])
+def test_a_top_level_mistake_in_a_file_with_a_base_names_that_file(tmp_path, text, key):
+    """Before, the error named configs/test_tiny.yaml (the base), where the key is not."""
+    child = tmp_path / "mine.yaml"
+    child.write_text(f"base: {REPO / 'configs' / 'test_tiny.yaml'}\n{text}")
+    with pytest.raises(ConfigError) as raised:
+        load_config(child)
+    assert str(raised.value).startswith(f"{child}: {key}")

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from dist_train.main import main
 
 from run_helpers import REPO
@@ -53,4 +56,15 @@ def test_layer_decay_on_a_backbone_timm_cannot_number_is_refused(make_shards, tm
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(error) == 1, error
     assert "optim.layer_decay" in error[0] and "group_matcher" in error[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where no CUDA device is visible")
+def test_train_device_cuda_where_no_gpu_is_visible_is_one_line(make_shards, tmp_path, capsys):
+    """Before: a RuntimeError traceback from the rank. The oracle is torch's own is_available() (False here)."""
+    code = main(["--config", CONFIG, "--set", *make_shards().overrides(), f"run_root={tmp_path / 'runs'}",
+                 "train.device=cuda"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1, error
+    assert "train.device is 'cuda'" in error[0] and "train.device=auto" in error[0]
     assert not (tmp_path / "runs").exists()

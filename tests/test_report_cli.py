@@ -97,3 +97,17 @@ def test_an_output_under_a_file_is_refused_in_one_line(tmp_path, capsys, name, o
     message = refused(capsys, name, [str(run), option, str(blocker / leaf)])
     assert f"{blocker} is a file, not a folder" in message
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("name", ["report", "compare"])
+def test_a_corrupt_config_or_summary_is_left_out_with_a_warning(tmp_path, caplog, name):
+    """Before: yaml.ParserError / JSONDecodeError tracebacks, where a truncated metrics.jsonl was tolerated.
+    (The warning reaches stderr through logging's last-resort handler; pytest captures it as a record.)"""
+    run = run_with_history(tmp_path)
+    (run / "config.yaml").write_text("train: {epochs: [1\n")
+    (run / "summary.json").write_bytes(b"\x89PNG\r\n\x1a\n not json")
+    argv = [str(run)] + (["--out", str(tmp_path / "r.html"), "--cams", "0"] if name == "report" else [])
+    with caplog.at_level("WARNING", logger="dist_train.report"):
+        assert load_cli(name).main(argv) == 0
+    said = " ".join(record.getMessage() for record in caplog.records)
+    assert f"{run / 'config.yaml'} is unreadable" in said and f"{run / 'summary.json'} is unreadable" in said

@@ -54,7 +54,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, sep, value = override.partition("=")
         if not sep or not key:
             raise ConfigError("--set", override, "expected key=value")
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = _override_value(key.strip(), value)
         _check_override(key.strip(), parsed)
         _set_dotted(raw, key.strip(), parsed, "--set")
     config = _build(Config, raw, source, "")
@@ -121,6 +121,15 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(scrub_secrets(to_dict(config)), sort_keys=False))
 
 
+def _override_value(key: str, value: str) -> Any:
+    """A --set value as YAML reads it (1e-3 a float, [a, b] a list); one that is not YAML named, not a traceback."""
+    try:
+        return yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError("--set", key, f"{value!r} is not a valid YAML value ({first_line(error)}); quote a "
+                                        f"string, e.g. --set '{key}=\"{value}\"'") from None
+
+
 def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(str(path), "", "config file not found")
@@ -130,6 +139,8 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(str(path), "", f"not valid YAML: {first_line(error)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "", "not a text file: give a YAML config such as configs/airogs_v3.yaml") from None
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "", "top level must be a mapping")
     base = raw.pop("base", None)
@@ -137,6 +148,7 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return _tag_source(raw, str(path))
     merged = _read_with_bases(path.parent / base, seen + (path.resolve(),))
     _deep_merge(merged, _tag_source(raw, str(path)))
+    cast(_Sourced, merged).source = str(path)  # as for sections: a top-level mistake is this file's, not the base's
     return merged
 
 

@@ -41,7 +41,12 @@ class InputError(UserError, ValueError):
 def export(source: Path, out: Path) -> Path:
     """Consolidate a run's best (else latest) checkpoint, or a given checkpoint folder, into `out`."""
     folder = _checkpoint_folder(source)
-    state = checkpoint.read_trainer_state(folder)
+    try:
+        state = checkpoint.read_trainer_state(folder)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {folder / checkpoint.TRAINER_FILE} ({type(error).__name__}: {error}); "
+                              f"export another checkpoint folder of the run (launch/export.py RUN/checkpoints/NAME)"
+                              ) from None
     if state["engine"] == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

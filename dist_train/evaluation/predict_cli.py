@@ -50,7 +50,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def check_common(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise InputError(f"--batch-size {args.batch_size}: give 1 or more")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:
+        kind = "unknown"
+    if kind not in ("cpu", "cuda"):
+        raise InputError(f"--device {args.device}: give cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {args.device}: no CUDA device on this machine; use --device cpu")
 
 

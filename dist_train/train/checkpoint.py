@@ -59,7 +59,7 @@ class Checkpointer:
         """Write a complete checkpoint or nothing; returns the published folder.
 
         `parts` are the run's shared parts (rank 0's are stored), `rank_parts` are stored for every rank."""
-        name = f"step-{step:08d}"
+        name = checkpoint_name(step)
         final, staging = self.root / name, self.root / f"{name}.tmp"
         if self.env.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -223,6 +223,11 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder a checkpoint at `step` is published as (retention and pointers go by these names)."""
+    return f"step-{step:08d}"
 
 
 def read_pointer(path: Path) -> str | None:

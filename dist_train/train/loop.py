@@ -49,7 +49,7 @@ from dist_train.redact import scrub_secrets
 from dist_train.tracking import Tracker
 from dist_train.train import distributed, preemption
 from dist_train.train.bad_samples import BadSamples
-from dist_train.train.checkpoint import Checkpointer, read_trainer_state
+from dist_train.train.checkpoint import Checkpointer, checkpoint_name, read_trainer_state
 from dist_train.train.decisions import decide
 from dist_train.train.distributed import DistEnv
 from dist_train.train.engine import build_engine
@@ -125,6 +125,9 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Train from the current state to the last epoch (or an early stop); returns the summary."""
         exit_code, preempted = 1, False
+        if self.state.epoch >= self.cfg.train.epochs:
+            log.warning("this run has trained all %d epochs (train.epochs) already, so nothing is trained: raise "
+                        "train.epochs to train on, or pass --resume none to start again", self.cfg.train.epochs)
         try:
             for epoch in range(self.state.epoch, self.cfg.train.epochs):
                 stats = self.train_epoch(epoch)
@@ -300,9 +303,11 @@ class Trainer:
         if (epoch + 1) % self.cfg.eval.every_epochs == 0 or epoch == self.cfg.train.epochs - 1:
             decision = self._evaluate_and_decide(epoch, stats)
         notice = self._notice()
+        best = decision.improved and self.cfg.checkpoint.keep_best
+        if best:  # before the save: the checkpoint's own state names it, so a run resumed from it knows its best
+            self.state.best_checkpoint = checkpoint_name(self.state.step)
         path = self.save_checkpoint()
-        if decision.improved and self.cfg.checkpoint.keep_best:
-            self.state.best_checkpoint = path.name
+        if best:
             self.checkpointer.mark_best(path.name)
         if notice or self._notice():
             raise preemption.Preempted(f"preemption notice: checkpointed after epoch {epoch} at step "

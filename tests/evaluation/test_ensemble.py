@@ -312,3 +312,20 @@ def test_an_ensemble_file_moved_alone_still_finds_its_members_where_they_were(ev
          "--out", tmp_path / "p.csv", "--progress", "none")
     expected, got = _mean(alone), _likelihoods(tmp_path / "p.csv")
     assert all(abs(got[k] - expected[k]) < 1e-6 for k in expected)
+
+
+def test_an_export_beside_another_exports_json_is_one_line_before_any_scoring(members, synthetic_shards, tmp_path,
+                                                                             capsys):
+    """One member's .safetensors copied beside the other's .json (a hand-assembled folder). Before: a
+    load_state_dict traceback listing hundreds of keys. The oracle: the two members' own backbones."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copyfile(members[1], mixed / "model.safetensors")
+    shutil.copyfile(members[0].with_suffix(".json"), mixed / "model.json")
+    backbone = json.loads((mixed / "model.json").read_text())["model"]["backbone"]
+    out = tmp_path / "p.csv"
+    code, stdout, stderr = call(predict_cli, "--model", mixed / "model.safetensors", "--shards",
+                                f"{synthetic_shards}/val-*.tar", "--out", out, "--progress", "none")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert str(mixed / "model.safetensors") in stderr and backbone in stderr and "export the run again" in stderr
+    assert not out.exists()

@@ -119,6 +119,18 @@ def test_export_refuses_an_out_that_is_not_a_safetensors_file(trained_run, tmp_p
     assert sorted(tmp_path.iterdir()) == before
 
 
+def test_export_of_a_checkpoint_with_a_corrupt_trainer_json_is_one_line(trained_run, tmp_path):
+    """Before: a JSONDecodeError traceback (where --resume of the same checkpoint gave one line)."""
+    root = trained_run / "checkpoints"
+    folder = tmp_path / "ckpt"
+    shutil.copytree(root / (root / "best").read_text().strip(), folder)
+    (folder / "trainer.json").write_text('{"trainer": {"step": 4')
+    code, stdout, stderr = call(export_cli, folder, "--out", tmp_path / "m.safetensors")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert str(folder / "trainer.json") in stderr and "JSONDecodeError" in stderr
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_export_over_an_earlier_export_needs_overwrite(trained_run, tmp_path):
     """Before, a second export (from another run, say) replaced the first without a word, and predict with it
     then scored with the other model. The oracle is the first export's bytes."""
@@ -218,7 +230,7 @@ def test_predict_shows_progress_on_stderr(trained_run, val_images, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no_folder", "no_images", "no_model", "no_shards", "out_exists", "out_is_dir",
-                                  "batch_size"])
+                                  "batch_size", "device"])
 def test_predict_bad_input_exits_2_in_one_line_before_any_work(trained_run, val_images, tmp_path, case):
     folder = _folder(tmp_path, dict(list(val_images.items())[:1]))
     no_images = tmp_path / "notes"
@@ -228,7 +240,7 @@ def test_predict_bad_input_exits_2_in_one_line_before_any_work(trained_run, val_
     args = {"no_folder": ["--images", tmp_path / "nowhere"], "no_images": ["--images", no_images],
             "no_shards": ["--shards", f"{tmp_path}/val-*.tar"]}.get(case, ["--images", folder])
     model = tmp_path / "missing.safetensors" if case == "no_model" else trained_run
-    extra = {"out_exists": [], "out_is_dir": [], "batch_size": ["--batch-size", "0"]}.get(case, [])
+    extra = {"batch_size": ["--batch-size", "0"], "device": ["--device", "gpu"]}.get(case, [])
     if case == "out_exists":
         out.write_text("the user's earlier predictions\n")
     if case == "out_is_dir":
@@ -238,7 +250,7 @@ def test_predict_bad_input_exits_2_in_one_line_before_any_work(trained_run, val_
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error:"), stderr
     named = {"no_folder": "nowhere", "no_images": str(no_images), "no_model": "missing.safetensors",
              "no_shards": "val-*.tar", "out_exists": "--overwrite", "out_is_dir": str(tmp_path),
-             "batch_size": "--batch-size"}[case]
+             "batch_size": "--batch-size", "device": "--device gpu: give cpu, cuda or cuda:N"}[case]
     assert named in stderr, stderr
     if case == "out_exists":
         assert out.read_text() == "the user's earlier predictions\n"

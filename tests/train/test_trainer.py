@@ -185,3 +185,19 @@ def test_gpu_decode_from_shards_of_another_size_warns_that_the_workers_decode(sy
     assert any("built at 48 px, not data.image_size=32" in w and "--size 32" in w for w in trainer.warnings), \
         trainer.warnings
     trainer.tracker.finish(trainer.summary())
+
+
+def test_a_run_resumed_after_its_best_epoch_still_names_its_best_checkpoint(make_shards, tmp_path, caplog):
+    """One epoch: its evaluation is the best, and its checkpoint is both latest and best. Before, that
+    checkpoint's state was saved before it was named best, so the rerun's summary said "no best checkpoint".
+    The oracle is the checkpointer's best pointer."""
+    cfg = tiny(make_shards(), tmp_path, "train.epochs=1")
+    first = Trainer(cfg, DistEnv())
+    first.train()
+    best = read_pointer(first.run_dir / "checkpoints" / "best")
+    assert best is not None and best == read_pointer(first.run_dir / "checkpoints" / "latest")
+    with caplog.at_level("WARNING", logger="dist_train.train.loop"):
+        rerun = Trainer(cfg, DistEnv(), resume_from=latest(first))
+        summary = rerun.train()
+    assert summary["best_checkpoint"] == best and rerun.state.step == first.state.step
+    assert any("nothing is trained" in record.getMessage() for record in caplog.records)
