@@ -155,6 +155,25 @@ def _preflight(cfg: Config, source: str) -> None:
     check_deepspeed_file(cfg, source)
     _refuse_unfinished_builds(cfg, source)
     _refuse_clahe_conflicts(cfg, source)
+    _refuse_one_class_training(cfg, source)
+
+
+def _refuse_one_class_training(cfg: Config, source: str) -> None:
+    """Training shards whose manifest counts no referable (or no non-referable) sample: every epoch would be
+    spent learning a constant. Only the manifest is read here; shards without one are counted by the run."""
+    from dist_train.data.manifest import manifest_counts
+    from dist_train.data.stream import DataError, shard_urls
+
+    try:
+        counts = manifest_counts(shard_urls(cfg.data.train_shards), cfg.data.manifest)
+    except DataError:  # a data.manifest that does not exist: the run says so where it reads the counts
+        return
+    if counts is None or 0 < counts.positives < counts.samples:
+        return
+    missing = "referable (RG, label 1)" if counts.positives == 0 else "non-referable (NRG, label 0)"
+    raise ConfigError(source, "data.train_shards", f"its manifest counts no {missing} sample among "
+                                                   f"{counts.samples}, so there is nothing to learn: check the class "
+                                                   f"column of the labels CSV the shards were built from")
 
 
 def _refuse_clahe_conflicts(cfg: Config, source: str) -> None:

@@ -100,7 +100,20 @@ def run_build(argv: list[str]) -> int:
     print(summary(report, args.out))
     if report.manifest["degenerate"]:
         print(degenerate_warning(report.manifest["degenerate"]), file=sys.stderr)
+    for line in one_class_warnings(report.manifest["totals"]):
+        print(line, file=sys.stderr)
     return 0
+
+
+def one_class_warnings(totals: dict) -> list[str]:
+    """A split with samples of one class only: train.py refuses such training shards, and α/β need both."""
+    lines = []
+    for split, counts in totals.items():
+        if counts["samples"] and counts["positives"] in (0, counts["samples"]):
+            kind = "no RG (referable)" if counts["positives"] == 0 else "only RG (referable)"
+            lines.append(f"warning: {split} holds {kind} samples among {counts['samples']}: check the labels CSV's "
+                         f"class column (RG/NRG)")
+    return lines
 
 
 def summary(report, out: str) -> str:

@@ -87,16 +87,23 @@ def verify_against_manifest(urls: list[str], manifest_setting: str, share: tuple
     return problems
 
 
+def manifest_counts(urls: list[str], manifest_setting: str) -> SplitCounts | None:
+    """Sample and positive counts of `urls` from the manifest's shard entries; None without a manifest
+    listing every one of them."""
+    manifest = find_manifest(manifest_setting, urls)
+    if manifest is None:
+        return None
+    entries = _shard_entries(manifest)
+    names = [Path(url).name for url in urls]
+    if not all(name in entries for name in names):
+        return None
+    per_shard = tuple(entries[name]["samples"] for name in names)
+    return SplitCounts(sum(per_shard), sum(entries[name]["positives"] for name in names), per_shard)
+
+
 def split_counts(urls: list[str], manifest_setting: str, cache_dir: Path | None = None) -> SplitCounts:
     """Sample and positive counts from the manifest's shard entries, or by one scan (cached)."""
-    manifest = find_manifest(manifest_setting, urls)
-    if manifest is not None:
-        entries = _shard_entries(manifest)
-        names = [Path(url).name for url in urls]
-        if all(name in entries for name in names):
-            per_shard = tuple(entries[name]["samples"] for name in names)
-            return SplitCounts(sum(per_shard), sum(entries[name]["positives"] for name in names), per_shard)
-    return _scan_counts(urls, cache_dir)
+    return manifest_counts(urls, manifest_setting) or _scan_counts(urls, cache_dir)
 
 
 def _scan_counts(urls: list[str], cache_dir: Path | None) -> SplitCounts:

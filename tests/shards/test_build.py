@@ -414,3 +414,22 @@ def test_a_rebuild_with_another_split_or_shard_size_is_refused_and_changes_nothi
     assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1, stderr
     assert named in stderr and str(copy) in stderr and "choose another --out" in stderr
     assert {path.name: sha256(path) for path in copy.rglob("*") if path.is_file()} == before
+
+
+def test_a_labels_csv_without_a_referable_case_builds_with_a_warning_and_train_refuses_it(labels, tmp_path):
+    """Before: built, trained and exported with exit 0 and no word (threshold null, every prediction empty).
+    The oracle is the CSV itself, rewritten with every RG as NRG."""
+    negatives = tmp_path / "labels.csv"
+    negatives.write_text(labels.read_text().replace(",RG\n", ",NRG\n"))
+    assert ",RG\n" not in negatives.read_text()
+    code, _, stderr = build_into(tmp_path / "out", negatives, images=[labels.parent])
+    assert code == 0
+    assert "warning: train holds no RG (referable) samples among" in stderr and "warning: val holds no RG" in stderr
+    run = subprocess.run([sys.executable, "-m", "dist_train.main", "--config", str(ROOT / "configs" / "test_tiny.yaml"),
+                          "--set", f"data.train_shards={tmp_path}/out/train-*.tar",
+                          f"data.val_shards={tmp_path}/out/val-*.tar", f"run_root={tmp_path / 'runs'}"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert "data.train_shards" in lines[0] and "no referable (RG, label 1) sample" in lines[0]
+    assert not (tmp_path / "runs").exists()
