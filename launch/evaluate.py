@@ -85,7 +85,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="bootstrap resamples for the 95%% intervals, 0 for none (default: %(default)s)")
     add_common_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.bootstrap <= 100_000:
+        parser.error(f"--bootstrap {args.bootstrap}: give 0 (no intervals) to 100000")
+    return args
 
 
 def main(argv: list[str]) -> int:

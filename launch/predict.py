@@ -95,7 +95,7 @@ def _check_explain(args: argparse.Namespace) -> None:
     """--explain DIR: a folder we may write, empty unless --overwrite (earlier overlays are not mixed in)."""
     if args.explain is None:
         return
-    check_out_folder(args.explain, (), args.overwrite)
+    check_out_folder(args.explain, (), args.overwrite, "--explain")
     if args.explain.is_dir() and any(args.explain.iterdir()) and not args.overwrite:
         raise InputError(f"--explain {args.explain}: is not empty; choose another folder or pass --overwrite")
 

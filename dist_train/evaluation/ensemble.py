@@ -185,6 +185,9 @@ def _export_with_sidecar(path: Path) -> Path:
         found = export_file(path)
     except FileNotFoundError as error:
         raise InputError(str(error)) from None
+    if found.suffix != ".safetensors":
+        raise InputError(f"--model {path}: not an export (a .safetensors file, or a run directory holding "
+                         f"export/model.safetensors); make one with launch/export.py RUN")
     if not found.with_suffix(".json").is_file():
         raise InputError(f"--model {path}: {found.with_suffix('.json')} (the export's metadata) is missing; "
                          "export again with launch/export.py")

@@ -80,6 +80,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _checkpoint_folder(source: Path) -> Path:
+    if not source.is_dir():
+        raise CheckpointError(f"{source}: no such run directory or checkpoint folder")
     if (source / checkpoint.TRAINER_FILE).is_file():
         return source
     root = source / "checkpoints" if (source / "checkpoints").is_dir() else source

@@ -69,13 +69,14 @@ def check_out_file(out: Path, overwrite: bool) -> None:
     _check_writable(out.parent, out)
 
 
-def check_out_folder(out: Path, written: tuple[str, ...], overwrite: bool) -> None:
-    """--out must be a folder we may create or fill, holding none of `written` unless --overwrite."""
+def check_out_folder(out: Path, written: tuple[str, ...], overwrite: bool, option: str = "--out") -> None:
+    """`option` must be a folder we may create or fill, holding none of `written` unless --overwrite."""
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: is a file; give a folder for {', '.join(written)}")
+        what = f"for {', '.join(written)}" if written else "instead"
+        raise InputError(f"{option} {out}: is a file; give a folder {what}")
     present = [name for name in written if (out / name).exists()]
     if present and not overwrite:
-        raise InputError(f"--out {out}: already holds {', '.join(present)}; choose another folder or pass "
+        raise InputError(f"{option} {out}: already holds {', '.join(present)}; choose another folder or pass "
                          "--overwrite to replace them")
     _check_writable(out, out)
 
@@ -92,6 +93,9 @@ def resolve_shards(pattern: str) -> list[str]:
         urls = shard_urls(pattern)
     except DataError:
         raise InputError(f"--shards {pattern}: no shards match; check the path (and quote a pattern with *)") from None
+    if Path(pattern).is_dir():
+        raise InputError(f"--shards {pattern}: is a folder; give its shards as a pattern, e.g. "
+                         f"'{Path(pattern) / 'val-*.tar'}' (quoted)")
     missing = [url for url in urls if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file()]
     if missing:
         raise InputError(f"--shards {pattern}: " + offenders("shards missing", missing))

@@ -131,6 +131,11 @@ def test_export_of_a_checkpoint_with_a_corrupt_trainer_json_is_one_line(trained_
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_export_of_a_path_that_does_not_exist_says_so(tmp_path):
+    code, _, stderr = call(export_cli, tmp_path / "runs" / "typo")
+    assert code == 2 and "no such run directory or checkpoint folder" in stderr and "typo" in stderr
+
+
 def test_export_over_an_earlier_export_needs_overwrite(trained_run, tmp_path):
     """Before, a second export (from another run, say) replaced the first without a word, and predict with it
     then scored with the other model. The oracle is the first export's bytes."""
@@ -230,7 +235,7 @@ def test_predict_shows_progress_on_stderr(trained_run, val_images, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no_folder", "no_images", "no_model", "no_shards", "out_exists", "out_is_dir",
-                                  "batch_size", "device"])
+                                  "batch_size", "device", "explain_file", "shards_folder", "model_not_export"])
 def test_predict_bad_input_exits_2_in_one_line_before_any_work(trained_run, val_images, tmp_path, case):
     folder = _folder(tmp_path, dict(list(val_images.items())[:1]))
     no_images = tmp_path / "notes"
@@ -238,9 +243,12 @@ def test_predict_bad_input_exits_2_in_one_line_before_any_work(trained_run, val_
     (no_images / "notes.txt").write_text("not an image")
     out = tmp_path / "p.csv"
     args = {"no_folder": ["--images", tmp_path / "nowhere"], "no_images": ["--images", no_images],
-            "no_shards": ["--shards", f"{tmp_path}/val-*.tar"]}.get(case, ["--images", folder])
-    model = tmp_path / "missing.safetensors" if case == "no_model" else trained_run
-    extra = {"batch_size": ["--batch-size", "0"], "device": ["--device", "gpu"]}.get(case, [])
+            "no_shards": ["--shards", f"{tmp_path}/val-*.tar"], "shards_folder": ["--shards", str(tmp_path)]
+            }.get(case, ["--images", folder])
+    model = {"no_model": tmp_path / "missing.safetensors", "model_not_export": no_images / "notes.txt"}.get(case,
+                                                                                                          trained_run)
+    extra = {"batch_size": ["--batch-size", "0"], "device": ["--device", "gpu"],
+             "explain_file": ["--explain", no_images / "notes.txt"]}.get(case, [])
     if case == "out_exists":
         out.write_text("the user's earlier predictions\n")
     if case == "out_is_dir":
@@ -250,7 +258,9 @@ def test_predict_bad_input_exits_2_in_one_line_before_any_work(trained_run, val_
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error:"), stderr
     named = {"no_folder": "nowhere", "no_images": str(no_images), "no_model": "missing.safetensors",
              "no_shards": "val-*.tar", "out_exists": "--overwrite", "out_is_dir": str(tmp_path),
-             "batch_size": "--batch-size", "device": "--device gpu: give cpu, cuda or cuda:N"}[case]
+             "batch_size": "--batch-size", "device": "--device gpu: give cpu, cuda or cuda:N",
+             "explain_file": "--explain", "shards_folder": "give its shards as a pattern",
+             "model_not_export": "not an export"}[case]
     assert named in stderr, stderr
     if case == "out_exists":
         assert out.read_text() == "the user's earlier predictions\n"
@@ -370,3 +380,13 @@ def test_every_prediction_csv_has_the_documented_columns(trained_run):
     assert ",".join(COLUMNS) in readme
     for cli in (predict_cli, evaluate_cli):
         assert ",".join(COLUMNS) in cli.__doc__
+
+
+def test_evaluate_refuses_a_negative_bootstrap_count(trained_run, tmp_path, capsys):
+    """Before: --bootstrap -5 was quietly taken as 0 (no intervals)."""
+    with pytest.raises(SystemExit) as leaving:
+        evaluate_cli.main(["--model", str(trained_run), "--shards", f"{tmp_path}/val-*.tar", "--out",
+                           str(tmp_path / "eval"), "--bootstrap", "-5"])
+    stderr = capsys.readouterr().err
+    assert leaving.value.code == 2 and "--bootstrap -5" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "eval").exists()
