@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import sys
+import tarfile
 import warnings
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -125,6 +126,10 @@ def preflight(cfg: Config, source: str, overrides: list[str]) -> None:
         raise blame_override(error, overrides) from None
 
 
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+"""A shard named so is left to the run to read (and to report if it cannot); another file is checked here."""
+
+
 def _preflight(cfg: Config, source: str) -> None:
     from dist_train.data.stream import DataError, shard_urls
     from dist_train.model.network import check_backbone_name, check_pretrained
@@ -137,9 +142,13 @@ def _preflight(cfg: Config, source: str) -> None:
             urls = shard_urls(pattern)
         except DataError as error:
             raise ConfigError(source, f"data.{key}", str(error)) from None
-        missing = [url for url in urls if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file()]
+        local = [url for url in urls if "://" not in url and not url.startswith("pipe:")]
+        missing = [url for url in local if not Path(url).is_file()]
         if missing:
             raise ConfigError(source, f"data.{key}", f"{len(missing)} shard(s) not found, e.g. {missing[0]}")
+        if local and not local[0].endswith(TAR_SUFFIXES) and not tarfile.is_tarfile(local[0]):  # e.g. labels.csv
+            raise ConfigError(source, f"data.{key}", f"{local[0]} is not a tar shard: give the .tar files "
+                                                     f"shards/build.py wrote, e.g. DIR/{key.split('_')[0]}-*.tar")
     try:
         check_backbone_name(cfg.model.backbone)
     except ValueError as error:

@@ -19,10 +19,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("source", type=Path,
                         help="run directory (its best, else latest checkpoint) or checkpoint folder")
     parser.add_argument("--out", type=Path,
-                        help="the .safetensors to write, its .json beside it (default: <run>/export/model.safetensors)")
+                        help="the .safetensors to write, its .json beside it (default: "
+                             "<run>/export/model.safetensors; for RUN/checkpoints/NAME, RUN/export/NAME.safetensors)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     args = parser.parse_args(argv)
-    out = args.out or (args.source / "export" / "model.safetensors")
+    out = args.out or default_out(args.source)
     problem = file_problem("--out", out, (".safetensors",), "model.safetensors", overwrite=args.overwrite,
                            beside=(out.with_suffix(".json"),))
     if problem:
@@ -35,6 +36,14 @@ def main(argv: list[str]) -> int:
         return 2
     print(f"exported {path} (+ {path.with_suffix('.json').name})")
     return 0
+
+
+def default_out(source: Path) -> Path:
+    """<run>/export/model.safetensors for a run; for one checkpoint folder (RUN/checkpoints/NAME),
+    RUN/export/NAME.safetensors: inside the checkpoint folder, retention would delete the export with it."""
+    if source.parent.name == "checkpoints" and (source / "trainer.json").is_file():
+        return source.parent.parent / "export" / f"{source.name}.safetensors"
+    return source / "export" / "model.safetensors"
 
 
 if __name__ == "__main__":

@@ -68,3 +68,16 @@ def test_train_device_cuda_where_no_gpu_is_visible_is_one_line(make_shards, tmp_
     assert code == 2 and len(error) == 1, error
     assert "train.device is 'cuda'" in error[0] and "train.device=auto" in error[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_labels_csv_given_as_the_training_shards_is_refused_before_anything_is_written(make_shards, tmp_path,
+                                                                                        capsys):
+    """Before: it passed the preflight, config.yaml was written, then `cannot read shard …: invalid header`."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("challenge_id,class\nTRAIN000000,NRG\n")
+    code = main(["--config", CONFIG, "--set", *make_shards().overrides(), f"data.train_shards={labels}",
+                 f"run_root={tmp_path / 'runs'}"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1, error
+    assert "data.train_shards" in error[0] and f"{labels} is not a tar shard" in error[0] and "train-*.tar" in error[0]
+    assert not (tmp_path / "runs").exists()

@@ -131,6 +131,18 @@ def test_export_of_a_checkpoint_with_a_corrupt_trainer_json_is_one_line(trained_
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_export_of_one_checkpoint_folder_goes_beside_the_runs_export_not_inside_the_checkpoint(trained_run,
+                                                                                                 tmp_path):
+    """Before, RUN/checkpoints/NAME/export/: deleted with the checkpoint when retention drops it."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    name = (run / "checkpoints" / "best").read_text().strip()
+    code, stdout, stderr = call(export_cli, run / "checkpoints" / name)
+    assert code == 0, stderr
+    assert (run / "export" / f"{name}.safetensors").is_file() and (run / "export" / f"{name}.json").is_file()
+    assert not (run / "checkpoints" / name / "export").exists()
+
+
 def test_export_of_a_path_that_does_not_exist_says_so(tmp_path):
     code, _, stderr = call(export_cli, tmp_path / "runs" / "typo")
     assert code == 2 and "no such run directory or checkpoint folder" in stderr and "typo" in stderr
