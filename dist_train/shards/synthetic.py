@@ -47,6 +47,10 @@ GEOMETRY_COLUMNS = ("id", "width", "height", "disc_x", "disc_y", "disc_radius")
 """Pixels of the written JPEG: its size, the disc centre (x right, y down) and the disc's horizontal radius."""
 
 
+MARKER = ".dist_train_synthetic"
+"""Written first into every folder generate() fills: a later call may overwrite only a folder holding it."""
+
+
 def generate(out_dir, n: int, positive_rate: float = 0.03, size: int = 512, seed: int = 0,
              folders: int = 1, label_noise: float = 0.03) -> Path:
     """Write n JPEGs under out_dir/<folder>/, out_dir/labels.csv and out_dir/geometry.csv; return the CSV path.
@@ -59,6 +63,9 @@ def generate(out_dir, n: int, positive_rate: float = 0.03, size: int = 512, seed
         raise ValueError(f"need n >= 1, 0 <= positive_rate <= 1, folders >= 1, size >= 32; "
                          f"got n={n} positive_rate={positive_rate} folders={folders} size={size}")
     out_dir = Path(out_dir)
+    _refuse_stale_images(out_dir, n, folders)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text("written by shards/synthetic.py; a rerun may overwrite this folder\n")
     labels, looks_positive = _labels(n, positive_rate, label_noise, seed)
     rows, discs = [], []
     for index in range(n):
@@ -71,6 +78,22 @@ def generate(out_dir, n: int, positive_rate: float = 0.03, size: int = 512, seed
         discs.append(geometry_row(key, geometry))
     _write_csv(out_dir / GEOMETRY_FILE, GEOMETRY_COLUMNS, discs)
     return _write_csv(out_dir / "labels.csv", ("challenge_id", "class"), rows)
+
+
+def _refuse_stale_images(out_dir: Path, n: int, folders: int) -> None:
+    """A folder holding images this call would not rewrite (another --n or --folders) would be left with a
+    labels.csv that lists only some of them: refused, so a same-seed rerun (make demo) still overwrites."""
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not (out_dir / MARKER).is_file() and not (out_dir / GEOMETRY_FILE).is_file():
+        raise ValueError(f"--out {out_dir} is not empty and is not a synthetic set this command wrote (no {MARKER}): "
+                         f"choose an empty --out, since photographs there would be overwritten")
+    planned = {Path(str(index * folders // n)) / f"TRAIN{index:06d}.jpg" for index in range(n)}
+    stale = sorted(str(path.relative_to(out_dir)) for path in out_dir.glob("*/TRAIN*.jpg")
+                   if path.relative_to(out_dir) not in planned)
+    if stale:
+        raise ValueError(f"--out {out_dir} holds {len(stale)} images this run would not write (e.g. {stale[0]}, "
+                         f"from another --n or --folders): choose an empty --out, or delete {out_dir} first")
 
 
 def _write_csv(path: Path, header: tuple[str, ...], rows: list) -> Path:

@@ -162,3 +162,22 @@ def test_disc_in_crop_follows_the_shard_builders_crop_and_resize(synthetic_shard
             assert math.hypot(cx / side - x, cy / side - y) < 0.5 * radius, sample["__key__"]
             checked += 1
     assert checked >= 30
+
+
+def test_a_folder_it_did_not_write_or_with_other_images_is_refused_and_a_same_rerun_is_not(tmp_path):
+    """Before, `--n 10` into a 120-image set replaced labels.csv and left 110 images unlisted, and a folder of
+    real photographs named TRAIN*.jpg would have been overwritten. The oracle: the files' bytes."""
+    photos = tmp_path / "photos"
+    (photos / "0").mkdir(parents=True)
+    (photos / "0" / "TRAIN000000.jpg").write_bytes(b"a real photograph")
+    with pytest.raises(ValueError, match="not a synthetic set"):
+        generate(photos, 4, positive_rate=0.5, size=48)
+    assert (photos / "0" / "TRAIN000000.jpg").read_bytes() == b"a real photograph"
+    ours = tmp_path / "ours"
+    generate(ours, 6, positive_rate=0.5, size=48)
+    before = {path: path.read_bytes() for path in ours.rglob("*") if path.is_file()}
+    with pytest.raises(ValueError, match=r"holds 2 images this run would not write \(e.g. 0/TRAIN000004.jpg"):
+        generate(ours, 4, positive_rate=0.5, size=48)
+    assert {path: path.read_bytes() for path in ours.rglob("*") if path.is_file()} == before
+    generate(ours, 6, positive_rate=0.5, size=48)  # make demo's rerun: the same files again
+    assert {path: path.read_bytes() for path in ours.rglob("*") if path.is_file()} == before
