@@ -77,6 +77,9 @@ def main(argv: list[str]) -> int:
     if args.threshold is not None:
         models.threshold, models.threshold_source = args.threshold, "--threshold"
     print(models.describe())
+    if models.threshold is None:
+        print("warning: the export has no threshold (its run never evaluated a validation set holding both classes), "
+              "so referable_glaucoma stays empty: pass --threshold P to set one", file=sys.stderr)
     try:
         scores = _score(models, source, args)
     except DataError as error:

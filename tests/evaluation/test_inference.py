@@ -402,3 +402,20 @@ def test_evaluate_refuses_a_negative_bootstrap_count(trained_run, tmp_path, caps
     stderr = capsys.readouterr().err
     assert leaving.value.code == 2 and "--bootstrap -5" in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "eval").exists()
+
+
+def test_predict_with_an_export_without_a_threshold_says_why_referable_is_empty(trained_run, val_images, tmp_path):
+    """Before: exit 0 with every referable_glaucoma empty, and only 'threshold none' on stdout."""
+    export = tmp_path / "export"
+    shutil.copytree(trained_run / "export", export)
+    meta = json.loads((export / "model.json").read_text())
+    (export / "model.json").write_text(json.dumps({**meta, "threshold": None}))
+    folder = _folder(tmp_path, dict(list(val_images.items())[:2]))
+    code, _, stderr = call(predict_cli, "--model", export / "model.safetensors", "--images", folder, "--out",
+                           tmp_path / "p.csv", "--progress", "none")
+    assert code == 0 and "has no threshold" in stderr and "--threshold" in stderr, stderr
+    assert {row["referable_glaucoma"] for row in _rows(tmp_path / "p.csv")} == {""}
+    code, _, stderr = call(predict_cli, "--model", export / "model.safetensors", "--images", folder, "--out",
+                           tmp_path / "q.csv", "--progress", "none", "--threshold", "0.5")
+    assert code == 0 and "has no threshold" not in stderr
+    assert {row["referable_glaucoma"] for row in _rows(tmp_path / "q.csv")} <= {"0", "1"}
