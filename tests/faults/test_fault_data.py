@@ -177,9 +177,10 @@ def test_shard_that_differs_from_its_manifest_is_refused_when_verification_is_on
     """Scenario 4: with data.verify_shards, a shard whose sha256 differs from the manifest stops the run."""
     entries = []
     for path in sorted(clean_shards.glob("*.tar")):
-        samples = sum(1 for name in tarfile.open(path).getnames() if name.endswith(".cls"))
-        entries.append({"name": path.name, "split": path.name.split("-")[0], "samples": samples, "positives": 0,
-                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+        with tarfile.open(path) as tar:
+            labels = [int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls")]
+        entries.append({"name": path.name, "split": path.name.split("-")[0], "samples": len(labels),
+                        "positives": sum(labels), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     (clean_shards / "manifest.json").write_text(json.dumps({"shards": entries}))
     tampered = clean_shards / "train-000001.tar"
     raw = bytearray(tampered.read_bytes())
