@@ -7,7 +7,6 @@ not a run; both skip an unreadable image instead of dying on it, and say so in t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from dist_train.evaluation import ensemble
 from dist_train.evaluation.ensemble import Ensemble, Members
 from dist_train.evaluation.inference import InputError
 from dist_train.evaluation.scoring import PREDICTION_COLUMNS, Scores
+from dist_train.outputs import folder_problem
 from dist_train.shards.inputs import offenders
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SKIPPED = 0, 2, 1, 3
@@ -78,13 +78,13 @@ def check_out_folder(out: Path, written: tuple[str, ...], overwrite: bool, optio
     if present and not overwrite:
         raise InputError(f"{option} {out}: already holds {', '.join(present)}; choose another folder or pass "
                          "--overwrite to replace them")
-    _check_writable(out, out)
+    _check_writable(out, out, option)
 
 
-def _check_writable(folder: Path, named: Path) -> None:
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"--out {named}: cannot write under {existing}; choose another place")
+def _check_writable(folder: Path, named: Path, option: str = "--out") -> None:
+    problem = folder_problem(option, folder, named)
+    if problem:
+        raise InputError(problem)
 
 
 def resolve_shards(pattern: str) -> list[str]:
