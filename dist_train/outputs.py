@@ -15,11 +15,11 @@ def file_problem(option: str, out: Path, suffixes: tuple[str, ...], example: str
                  overwrite: bool | None = None, beside: tuple[Path, ...] = ()) -> str | None:
     """What is wrong with writing `out` (and the files `beside` it), or None.
 
-    `suffixes`: the kinds this command writes, the first one suggested; `overwrite` None: an existing
-    file of that kind is replaced (a report, a plot), else only with --overwrite."""
+    `suffixes`: the kinds this command writes, the first one suggested (empty: any name); `overwrite` None:
+    an existing file of that kind is replaced (a report, a plot), else only with --overwrite."""
     if out.is_dir():
         return f"{option} {out}: is a folder; give a file name such as {out / example}"
-    if out.suffix.lower() not in suffixes:
+    if suffixes and out.suffix.lower() not in suffixes:
         return (f"{option} {out}: give a file name ending in {' or '.join(suffixes)} (this command writes no other "
                 f"kind of file), e.g. {out.with_suffix(suffixes[0])}")
     present = [path for path in (out, *beside) if path.exists()]

@@ -10,6 +10,7 @@ from dist_train.cli_help import ArgumentParser, exit_codes
 from dist_train.errors import CheckpointError
 from dist_train.evaluation.inference import export
 from dist_train.outputs import file_problem
+from dist_train.train.checkpoint import TRAINER_FILE
 
 
 def main(argv: list[str]) -> int:
@@ -41,7 +42,7 @@ def main(argv: list[str]) -> int:
 def default_out(source: Path) -> Path:
     """<run>/export/model.safetensors for a run; for one checkpoint folder (RUN/checkpoints/NAME),
     RUN/export/NAME.safetensors: inside the checkpoint folder, retention would delete the export with it."""
-    if source.parent.name == "checkpoints" and (source / "trainer.json").is_file():
+    if source.parent.name == "checkpoints" and (source / TRAINER_FILE).is_file():
         return source.parent.parent / "export" / f"{source.name}.safetensors"
     return source / "export" / "model.safetensors"
 

@@ -18,7 +18,7 @@ from dist_train.evaluation import ensemble
 from dist_train.evaluation.ensemble import Ensemble, Members
 from dist_train.evaluation.inference import InputError
 from dist_train.evaluation.scoring import PREDICTION_COLUMNS, Scores
-from dist_train.outputs import folder_problem
+from dist_train.outputs import file_problem, folder_problem
 from dist_train.shards.inputs import offenders
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SKIPPED = 0, 2, 1, 3
@@ -62,11 +62,9 @@ def check_common(args: argparse.Namespace) -> None:
 
 def check_out_file(out: Path, overwrite: bool) -> None:
     """--out must be a file we may write, and not the user's earlier output unless --overwrite."""
-    if out.is_dir():
-        raise InputError(f"--out {out}: is a folder; give a file name such as {out / 'predictions.csv'}")
-    if out.exists() and not overwrite:
-        raise InputError(f"--out {out}: exists; choose another file or pass --overwrite to replace it")
-    _check_writable(out.parent, out)
+    problem = file_problem("--out", out, (), "predictions.csv", overwrite=overwrite)
+    if problem:
+        raise InputError(problem)
 
 
 def check_out_folder(out: Path, written: tuple[str, ...], overwrite: bool, option: str = "--out") -> None:
@@ -78,11 +76,7 @@ def check_out_folder(out: Path, written: tuple[str, ...], overwrite: bool, optio
     if present and not overwrite:
         raise InputError(f"{option} {out}: already holds {', '.join(present)}; choose another folder or pass "
                          "--overwrite to replace them")
-    _check_writable(out, out, option)
-
-
-def _check_writable(folder: Path, named: Path, option: str = "--out") -> None:
-    problem = folder_problem(option, folder, named)
+    problem = folder_problem(option, out, out)
     if problem:
         raise InputError(problem)
 

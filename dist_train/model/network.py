@@ -396,22 +396,12 @@ def load_for_inference(path: str | Path) -> tuple[GlaucomaNet, dict[str, Any]]:
     cfg = _model_config_from_dict(meta.get("model"), meta_path)
     model = build_model(cfg, image_size=_export_image_size(meta))
     state = _load_safetensors(str(weights), "--model")
-    mismatch = _state_mismatch(model.state_dict(), state)
+    mismatch = weight_formats.key_problems(model.state_dict(), state)
     if mismatch:
         raise WeightsError(f"--model {weights}: its tensors do not fit the {cfg.backbone} its {meta_path.name} "
                            f"describes ({mismatch}); the two files come from different exports: export the run again")
     model.load_state_dict(state, strict=True)
     return model.eval(), meta
-
-
-def _state_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
-    """What differs between two state dicts' names and shapes, in a few words ("" when nothing does)."""
-    missing = [name for name in expected if name not in given]
-    unexpected = [name for name in given if name not in expected]
-    misshapen = [name for name in expected if name in given and given[name].shape != expected[name].shape]
-    parts = [f"{len(names)} {what}, e.g. {names[0]}" for what, names in
-             (("missing", missing), ("unexpected", unexpected), ("of another shape", misshapen)) if names]
-    return "; ".join(parts)
 
 
 def _export_image_size(meta: dict[str, Any]) -> int | None:
