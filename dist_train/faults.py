@@ -5,13 +5,16 @@ SIGKILL at a named point of a checkpoint write. Real runs never set the variable
 in one module, keeps the hooks out of the code they test. Syntax: `nan_loss@5`, `kill@<point>`,
 `kill@<point>#2` (the second time that point is reached), `notice@<point>` (a preemption notice, as
 a signal would raise it), `fail@<point>` (an OSError, as a full disk or an unwritable file would
-raise), `abort@<point>` (SIGABRT, as a C++ std::terminate in a backend raises it), several joined by commas.
+raise), `abort@<point>` (SIGABRT, as a C++ std::terminate in a backend raises it), `hold@<point>` (wait
+there, up to `HOLD_S`, for a real preemption signal: a test that signals a job "mid-run" then cannot
+miss the run, however late the signal comes), several joined by commas.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import Counter
 
 import torch
@@ -21,6 +24,8 @@ from dist_train.train import preemption
 _SPEC = os.environ.get("DIST_TRAIN_FAULT", "")
 _RANK = os.environ.get("DIST_TRAIN_FAULT_RANK")
 _reached: Counter[str] = Counter()
+HOLD_S = 120.0
+"""How long `hold@` waits for a notice before it lets the run go on (and the test see it was not signalled)."""
 
 
 def _wanted(kind: str) -> list[str]:
@@ -39,8 +44,8 @@ def corrupt_loss(loss: torch.Tensor, step: int) -> torch.Tensor:
 
 
 def point(name: str) -> None:
-    """At a named point: SIGKILL (`kill@`), SIGABRT (`abort@`), a preemption notice (`notice@`) or an OSError
-    (`fail@`)."""
+    """At a named point: SIGKILL (`kill@`), SIGABRT (`abort@`), a preemption notice (`notice@`), an OSError
+    (`fail@`) or a wait for a preemption signal (`hold@`)."""
     if not _SPEC or not _this_rank():
         return
     _reached[name] += 1
@@ -52,6 +57,10 @@ def point(name: str) -> None:
         preemption.request()
     if _hit("fail", name):
         raise OSError(f"injected failure at {name}")
+    if _hit("hold", name):
+        deadline = time.monotonic() + HOLD_S
+        while not preemption.requested() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def _hit(kind: str, name: str) -> bool:

@@ -169,6 +169,7 @@ class Trainer:
         flags = StepFlags(self.env, late=self.engine.gates_on_device)
         window_start, window_samples, shown_step = time.monotonic(), 0, self.state.step
         for _ in range(steps):
+            faults.point(f"train.step.{self.state.step + 1}")
             self.lr_schedule.step(self._schedule_step(epoch), epoch)
             window = self._accumulate(batches, sums)
             if window is None:

@@ -33,6 +33,8 @@ pytestmark = [
 
 SUBMIT = [sys.executable, str(REPO / "launch" / "submit.py")]
 JOB_TIMEOUT_S = 300
+HELD_STEP = 3
+"""The step (of 18) the preempted run waits before for its signal: mid-epoch, after `interrupt_mid_run`'s step 2."""
 TWO_NODES = ["--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "15"]
 
 
@@ -95,17 +97,23 @@ def rank_pid(job_id: str, rank: int) -> int | None:
     return None
 
 
-def launch(run_root: Path, name: str, shards: Path, *extra: str, options: tuple[str, ...] = ()) -> Launched:
+def launch(run_root: Path, name: str, shards: Path, *extra: str, options: tuple[str, ...] = (),
+           fault: str = "") -> Launched:
+    """`fault` goes to the job as DIST_TRAIN_FAULT (sbatch passes the environment on)."""
     args = [*SUBMIT, "--config", str(REPO / "configs" / "test_tiny.yaml"), "--run-name", name,
             *(options or TWO_NODES), "--wait", "--set", f"data.train_shards={shards}/train-{{000000..000001}}.tar",
             f"data.val_shards={shards}/val-000000.tar", f"run_root={run_root}", "train.epochs=3",
             "train.deterministic=true", "engine.timeout_s=30", *extra]
-    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "DIST_TRAIN_FAULT": fault} if fault else None
+    process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return Launched(process, run_root / (f"{name}-lr1e-3" if "--sweep" in options else name))
 
 
 def interrupt_mid_run(run: Launched) -> None:
-    """submitit's own test hook: SIGTERM then SIGUSR2 to every task, as SLURM does on preemption."""
+    """submitit's own test hook: SIGTERM then SIGUSR2 to every task, as SLURM does on preemption.
+
+    The run holds before its step `HELD_STEP` until the signal comes (`hold@`, dist_train/faults.py):
+    on a loaded machine `scancel` took long enough for an unheld run to finish first (CI, 2026-12-01)."""
     job_id = run.job_id()
     wait_until(lambda: train_steps(run.run_dir) >= 2, 180, "the preemption run's second step")
     submitit.SlurmJob(folder=run.folder(), job_id=job_id)._interrupt()
@@ -144,7 +152,7 @@ def runs(shards, tmp_path_factory):
     run_root = tmp_path_factory.mktemp("slurm_runs")
     launched = {
         "complete": launch(run_root, "complete", shards),
-        "preempted": launch(run_root, "preempted", shards),
+        "preempted": launch(run_root, "preempted", shards, fault=f"hold@train.step.{HELD_STEP}"),
         "bad_shard": launch(run_root, "bad_shard", shards, f"data.train_shards={shards}/garbage-000000.tar"),
         "crash": launch(run_root, "crash", shards),
         "sweep": launch(run_root, "sweep", shards, "train.epochs=1", options=(
@@ -240,6 +248,7 @@ def test_preempted_run_requeues_resumes_and_matches_the_uninterrupted_one(runs):
     assert runs["preempted"].actions[0].startswith("interrupted"), runs["preempted"].actions
     logs = (runs["preempted"].folder() / f"{runs['preempted'].job_id()}_0_log.err").read_text()
     assert "Requeued job" in logs and "resumed from" in logs
+    assert f"checkpointing at step {HELD_STEP}" in logs, logs  # the signal met the held step, mid-epoch
     runs["complete"].finish()
     reference, resumed = runs["complete"].run_dir, runs["preempted"].run_dir
     assert eval_records(resumed) == eval_records(reference)
