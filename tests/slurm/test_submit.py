@@ -34,7 +34,8 @@ pytestmark = [
 SUBMIT = [sys.executable, str(REPO / "launch" / "submit.py")]
 JOB_TIMEOUT_S = 300
 HELD_STEP = 3
-"""The step (of 18) the preempted run waits before for its signal: mid-epoch, after `interrupt_mid_run`'s step 2."""
+"""The step (of 18) the preempted and crash runs wait before for their signal: mid-epoch, after step 2,
+where `interrupt_mid_run` and `kill_rank_mid_run` act."""
 TWO_NODES = ["--nodes", "2", "--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "15"]
 
 
@@ -121,6 +122,8 @@ def interrupt_mid_run(run: Launched) -> None:
 
 
 def kill_rank_mid_run(run: Launched) -> None:
+    """SIGKILL rank 1 while both ranks hold before step `HELD_STEP` (no notice comes: srun's
+    --kill-on-bad-exit must end rank 0)."""
     job_id = run.job_id()
     wait_until(lambda: train_steps(run.run_dir) >= 2, 180, "the crash run's second step")
     pid = rank_pid(job_id, rank=1)
@@ -154,7 +157,7 @@ def runs(shards, tmp_path_factory):
         "complete": launch(run_root, "complete", shards),
         "preempted": launch(run_root, "preempted", shards, fault=f"hold@train.step.{HELD_STEP}"),
         "bad_shard": launch(run_root, "bad_shard", shards, f"data.train_shards={shards}/garbage-000000.tar"),
-        "crash": launch(run_root, "crash", shards),
+        "crash": launch(run_root, "crash", shards, fault=f"hold@train.step.{HELD_STEP}"),  # SLURM ends the held rank 0
         "sweep": launch(run_root, "sweep", shards, "train.epochs=1", options=(
             "--sweep", "optim.lr=1e-3,2e-3", "--nodes", "1", "--tasks-per-node", "1", "--cpus-per-task", "1")),
     }
