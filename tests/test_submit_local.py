@@ -139,14 +139,17 @@ def wait_until(condition, timeout_s: float) -> None:
 @pytest.mark.slow
 def test_local_run_preempted_on_one_rank_requeues_and_finishes(tmp_path):
     """Same code path as SLURM: the notice reaches rank 1 only, every rank checkpoints, rank 0 requeues
-    through submitit (the local executor restarts the tasks) and the run resumes to the end."""
+    through submitit (the local executor restarts the tasks) and the run resumes to the end. Rank 1 holds
+    before step 3 until its signal comes (`hold@`, dist_train/faults.py), so the signal lands mid-run however
+    loaded the machine is."""
     write_shards(tmp_path / "shards", "train", [48, 48])
     write_shards(tmp_path / "shards", "val", [24])
     process = subprocess.Popen(
         [*SUBMIT, "--config", TINY, "--local", "--nodes", "2", "--tasks-per-node", "1", "--time", "15", "--wait",
          "--set", f"data.train_shards={tmp_path}/shards/train-{{000000..000001}}.tar",
          f"data.val_shards={tmp_path}/shards/val-000000.tar", f"run_root={tmp_path}/runs", "train.epochs=3"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "DIST_TRAIN_FAULT": "hold@train.step.3", "DIST_TRAIN_FAULT_RANK": "1"})
     run_dir = tmp_path / "runs" / "test_tiny"
     try:
         wait_until(lambda: train_steps(run_dir) >= 2, 240)
@@ -158,6 +161,8 @@ def test_local_run_preempted_on_one_rank_requeues_and_finishes(tmp_path):
     assert process.returncode == 0, stderr
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(event["kind"] == "resume" for event in events)
+    logs = "".join(path.read_text() for path in (run_dir / "submitit").glob("*_log.err"))
+    assert "preemption notice: checkpointing at step 3" in logs, logs[-3000:]  # the signal met the held step
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_done"] == 3 and summary["world_size"] == 2
 
