@@ -120,9 +120,10 @@ def build(image_dirs: Iterable, labels_csv, out_dir, options: BuildOptions = Bui
     it to kill a build midway).
     """
     started = time.monotonic()
-    out_dir = Path(out_dir)
+    out_dir, image_dirs = Path(out_dir), [Path(folder) for folder in image_dirs]
     if not Path(labels_csv).is_file():
         raise ShardInputError(f"--labels {labels_csv}: no such file")
+    _check_out_outside_images(out_dir, image_dirs)
     csv_sha256 = _sha256_file(labels_csv)
     _check_out_dir(out_dir, csv_sha256, options)
     labels = read_labels(labels_csv, options.split_column)
@@ -364,6 +365,16 @@ def _val_by_dirs(samples: list[Sample], val_dirs: tuple[str, ...]) -> dict[str, 
     if empty:
         raise ShardInputError(offenders("--val-dirs holding no labelled image", empty))
     return {key: parent in held_out for key, parent in parents.items()}
+
+
+def _check_out_outside_images(out_dir: Path, image_dirs: list[Path]) -> None:
+    """Refuse an OUT that is, or lies inside, an --images folder: the build would write its shards,
+    manifest and parts/ among the user's photographs, and clear `train-*.tar`/`val-*.tar` files there."""
+    out = out_dir.resolve()
+    for folder in image_dirs:
+        if out == folder.resolve() or folder.resolve() in out.parents:
+            raise ShardInputError(f"--out {out_dir} is inside --images {folder}: the shards would be written "
+                                  f"among the images; choose an --out outside the image folders")
 
 
 def _check_out_dir(out_dir: Path, csv_sha256: str, options: BuildOptions) -> None:

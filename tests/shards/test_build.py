@@ -231,6 +231,17 @@ def test_missing_labels_file_or_images_folder_exit_2(labels, tmp_path):
     assert code == 2 and "not a folder" in stderr
 
 
+@pytest.mark.parametrize("inside", ["", "shards"], ids=["the images folder", "below it"])
+def test_an_out_folder_among_the_images_is_refused_and_nothing_is_written(labels, tmp_path, inside):
+    images = tmp_path / "images"
+    shutil.copytree(labels.parent, images)
+    before = sorted(path.relative_to(images) for path in images.rglob("*"))
+    code, _, stderr = build_into(images / inside, images / "labels.csv", images=[images])
+    assert code == 2 and stderr.startswith("error: --out") and stderr.count("\n") == 1, stderr
+    assert "inside --images" in stderr and "outside the image folders" in stderr
+    assert sorted(path.relative_to(images) for path in images.rglob("*")) == before
+
+
 def test_skip_missing_builds_the_rest_and_counts_what_it_skipped(labels, tmp_path):
     loose_csv = tmp_path / "labels.csv"
     loose_csv.write_text(edit_csv(labels, "unlabelled_image") + "TRAIN999999,NRG\n")
