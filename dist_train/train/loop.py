@@ -125,11 +125,11 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Train from the current state to the last epoch (or an early stop); returns the summary."""
         exit_code, preempted = 1, False
-        if self.state.epoch >= self.cfg.train.epochs:
-            log.warning("this run has trained all %d epochs (train.epochs) already, so nothing is trained: raise "
-                        "train.epochs to train on, or pass --resume none to start again", self.cfg.train.epochs)
+        done = self._already_done()
+        if done:
+            log.warning("%s, so nothing is trained: %s, or pass --resume none to start again", *done)
         try:
-            for epoch in range(self.state.epoch, self.cfg.train.epochs):
+            for epoch in range(self.state.epoch, self.cfg.train.epochs if done is None else self.state.epoch):
                 stats = self.train_epoch(epoch)
                 if self._end_epoch(epoch, stats):
                     break
@@ -142,6 +142,19 @@ class Trainer:
             self.tracker.finish(self.summary(), exit_code=exit_code)
             if self.env.is_main and self.cfg.tracking.html_report and not preempted:
                 self._write_report()  # not in a preemption's grace period: the requeued run writes it
+
+    def _already_done(self) -> tuple[str, str] | None:
+        """(what ended this run, how to train on) when a resumed run has nothing left to train: every epoch
+        trained, or the early-stopping rule met by the restored count (as it would stop the next epoch)."""
+        if self.state.epoch >= self.cfg.train.epochs:
+            return f"this run has trained all {self.cfg.train.epochs} epochs (train.epochs) already", \
+                "raise train.epochs to train on"
+        patience = self.cfg.eval.early_stopping_patience
+        if self.state.epoch > 0 and patience is not None and self.state.evals_without_improvement >= patience:
+            return (f"this run stopped early after epoch {self.state.epoch - 1} ({self.cfg.eval.metric} did not "
+                    f"improve for {self.state.evals_without_improvement} evaluations, "
+                    f"eval.early_stopping_patience={patience})"), "raise eval.early_stopping_patience to train on"
+        return None
 
     def _write_report(self) -> None:
         """The self-contained HTML report; a failure here must not fail a finished run."""

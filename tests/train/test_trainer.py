@@ -62,12 +62,15 @@ def test_retention_keeps_the_newest_and_the_best(make_shards, tmp_path):
     assert read_pointer(trainer.run_dir / "checkpoints" / "latest") == f"step-{last:08d}"
 
 
-def test_early_stopping_ends_after_patience_evaluations_without_improvement(make_shards, tmp_path):
-    """The oracle replays the patience rule over the logged alphas. A frozen backbone (BatchNorm in eval
-    mode), no head BatchNorm and a negligible LR keep the model constant, so the rule must fire."""
-    trainer = Trainer(tiny(make_shards(), tmp_path, "train.epochs=6", "optim.lr=1e-12", "model.head_batchnorm=false",
-                           "unfreeze.phases=[{from_epoch: 0, train: head}]", "eval.early_stopping_patience=2"),
-                      DistEnv())
+EARLY_STOPPING = ("train.epochs=6", "optim.lr=1e-12", "model.head_batchnorm=false",
+                  "unfreeze.phases=[{from_epoch: 0, train: head}]")
+"""A frozen backbone (BatchNorm in eval mode), no head BatchNorm and a negligible LR keep the model constant,
+so the patience rule must fire."""
+
+
+def early_stopped_run(shards, run_root: Path) -> Trainer:
+    """A run the patience rule stopped, checked against the rule replayed over its logged alphas."""
+    trainer = Trainer(tiny(shards, run_root, *EARLY_STOPPING, "eval.early_stopping_patience=2"), DistEnv())
     summary = trainer.train()
     alphas = [record["alpha"] for record in history(trainer.run_dir) if record["kind"] == "eval"]
     best, without, stopped_after = float("-inf"), 0, None
@@ -78,6 +81,31 @@ def test_early_stopping_ends_after_patience_evaluations_without_improvement(make
             break
     assert stopped_after is not None and stopped_after < 5
     assert summary["epochs_done"] == stopped_after + 1 == len(alphas)
+    return trainer
+
+
+def test_early_stopping_ends_after_patience_evaluations_without_improvement(make_shards, tmp_path):
+    early_stopped_run(make_shards(), tmp_path)
+
+
+def test_an_early_stopped_run_resumed_trains_nothing_unless_patience_is_raised(make_shards, tmp_path, caplog):
+    """The oracle: the run as the patience rule left it. Resumed as it is, it trains no step (before, it
+    trained until the rule fired again); with a patience the count has not reached, it trains on."""
+    stopped = early_stopped_run(make_shards(), tmp_path)
+
+    def progress() -> list[dict]:
+        return [record for record in history(stopped.run_dir) if record["kind"] in ("train", "eval")]
+
+    before = progress()
+    again = Trainer(tiny(make_shards(), tmp_path, *EARLY_STOPPING, "eval.early_stopping_patience=2"), DistEnv(),
+                    resume_from=latest(stopped))
+    again.train()
+    assert again.state.step == stopped.state.step and progress() == before
+    assert "stopped early after epoch" in caplog.text and "eval.early_stopping_patience" in caplog.text
+    patient = Trainer(tiny(make_shards(), tmp_path, *EARLY_STOPPING, "eval.early_stopping_patience=100"),
+                      DistEnv(), resume_from=latest(stopped))
+    patient.train()
+    assert patient.state.epoch == 6 and patient.state.step > stopped.state.step
 
 
 def history(run_dir: Path) -> list[dict]:
