@@ -25,6 +25,9 @@ CLAHE in our Decoder and in the torchvision transforms). Then, in interleaved ro
   (a') uint8 batches, normalised on the device: the product's TrainStream + make_loader, its decode and
                    Augmenter unchanged, but the decoder stops at the augmented uint8 pixels, so the workers
                    stack and ship uint8 batches (what GPU runs do: the device normalises; not included here).
+  (a) and (a') in one thread: the same loaders with workers=0, whose steady rate is the per-image work of
+                   the whole pipeline (shard read, shuffle buffer, decode, augmentation, batching), not of the
+                   stages timed one by one; (a)/that ceiling is how well the workers share the cores.
 
 The per-core ceiling of (a) is min(workers, cores) x 1 / (its per-image CPU work), the work measured in one
 thread: the 8-bit whole-sample decoder plus its share of normalising the batch into one shared float batch
@@ -162,11 +165,13 @@ def epoch_rates(loader, workers: int) -> tuple[float, float]:
     return sum(sizes) / (arrivals[-1] - started), steady
 
 
-def ours_loader(shards: Path, args, epoch: int, decoder: Decoder, augment: AugmentConfig) -> DataLoader:
-    cfg = DataConfig(train_shards=str(shards / "train-*.tar"), image_size=args.size, workers=args.workers,
+def ours_loader(shards: Path, args, epoch: int, decoder: Decoder, augment: AugmentConfig,
+                workers: int | None = None) -> DataLoader:
+    workers = args.workers if workers is None else workers
+    cfg = DataConfig(train_shards=str(shards / "train-*.tar"), image_size=args.size, workers=workers,
                      augment=augment)
     stream = TrainStream(shard_urls(cfg.train_shards), cfg, decoder, args.batch_size, rank=0, world_size=1, seed=0,
-                         epoch=epoch, micro_batches=args.n // args.batch_size, workers=args.workers)
+                         epoch=epoch, micro_batches=args.n // args.batch_size, workers=workers)
     return make_loader(stream, cfg, pin_memory=False)
 
 
@@ -229,7 +234,9 @@ def measure_rates(shards: Path, files: Path, args, recipe: Recipe) -> tuple[dict
         found = {"a": epoch_rates(ours_loader(shards, args, round_index, ours, recipe.augment), args.workers),
                  "b": epoch_rates(torchvision_loader(files, args, recipe), args.workers),
                  "c": (decode_only_rate(files, args), float("nan")),
-                 "u8": epoch_rates(ours_loader(shards, args, round_index, uint8, recipe.augment), args.workers)}
+                 "u8": epoch_rates(ours_loader(shards, args, round_index, uint8, recipe.augment), args.workers),
+                 "a 1": epoch_rates(ours_loader(shards, args, round_index, ours, recipe.augment, workers=0), 0),
+                 "u8 1": epoch_rates(ours_loader(shards, args, round_index, uint8, recipe.augment, workers=0), 0)}
         for key, (epoch, steady) in found.items():
             rates.setdefault(key, []).append(epoch)
             rates.setdefault(f"{key} steady", []).append(steady)
@@ -335,7 +342,20 @@ def ratios(best: dict[str, float], costs: dict[str, float], workers: int) -> dic
         for phase in ("", " steady"):
             found[f"{key}{phase}/ceiling"] = best[key + phase] * work[key] / (cores * 1000)
             found[f"{key}{phase}/b"] = best[key + phase] / best["b" + phase]
+            found[f"{key}{phase}/whole"] = best[key + phase] / (cores * best[f"{key} 1 steady"])
     return found
+
+
+def whole_pipeline_text(best: dict[str, float], r: dict[str, float], workers: int) -> str:
+    """The same pipelines run in this process (workers=0): the per-image work of everything a worker does,
+    shard read, shuffle buffer and batching included, where the stage costs time each stage on its own."""
+    cores = min(workers, os.cpu_count() or 1)
+    parts = []
+    for key, name in (("a", "(a)"), ("u8", "(a')")):
+        ms = 1000 / best[f"{key} 1 steady"]
+        parts.append(f"{name} {ms:.2f} ms/img, ceiling {cores} x 1/{ms:.2f} ms = {cores * 1000 / ms:.0f} img/s, "
+                     f"{name}/that {r[key + '/whole']:.2f} per epoch, {r[key + ' steady/whole']:.2f} steady")
+    return "whole pipeline in one thread (workers=0, shard read to batch): " + "; ".join(parts)
 
 
 def rate_text(best: dict[str, float], key: str) -> str:
@@ -381,7 +401,8 @@ def figures_text(args, recipe: Recipe, best: dict[str, float], loads: list[float
             f"{costs['stack float (batch)']:.0f} ms (with the move to shared memory {costs[FLOAT_SHM]:.0f} ms; "
             f"stacked into shared memory {costs[SHARED]:.0f} ms; uint8 normalised into a shared batch "
             f"{costs[INTO]:.0f} ms), stack uint8 {costs['stack uint8 (batch)']:.0f} ms (with the move "
-            f"{costs[UINT8_SHM]:.0f} ms); {bound_sentence(costs, args.workers)}")
+            f"{costs[UINT8_SHM]:.0f} ms); {whole_pipeline_text(best, r, args.workers)}; "
+            f"{bound_sentence(costs, args.workers)}")
 
 
 def print_summary(args, best: dict[str, float], costs: dict[str, float]) -> None:
@@ -399,6 +420,7 @@ def print_summary(args, best: dict[str, float], costs: dict[str, float]) -> None
               f"{verdict(epoch, target)} / {verdict(steady, target)})")
     print(f"  (a')/ceiling = {r['u8/ceiling']:.2f} / {r['u8 steady/ceiling']:.2f}, (a')/(b) = {r['u8/b']:.2f} / "
           f"{r['u8 steady/b']:.2f}")
+    print(f"  {whole_pipeline_text(best, r, args.workers)}")
     print(f"\ncost in one thread (ms per image; '(batch)' lines per batch of {BATCH}):")
     for name, ms in costs.items():
         print(f"  {name:<62} {ms:7.2f}")

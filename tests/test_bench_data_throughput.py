@@ -57,6 +57,10 @@ def test_v3_recipe_with_build_time_clahe_against_its_per_core_ceiling(tmp_path):
     assert ceiling == pytest.approx(1000 / (decoder + hand_over), rel=0.05)
     ours = number(r"\(a\) ours \(TrainStream \+ make_loader\)\s+([\d.]+) img/s", run.stdout)
     assert number(r"\(a\)/ceiling = ([\d.]+)", run.stdout) == pytest.approx(ours / ceiling, abs=0.01)
+    whole_ms = number(r"one thread \(workers=0, shard read to batch\): \(a\) ([\d.]+) ms/img", run.stdout)
+    whole = number(r"\(a\) [\d.]+ ms/img, ceiling 1 x 1/[\d.]+ ms = ([\d.]+) img/s", run.stdout)
+    assert whole == pytest.approx(1000 / whole_ms, rel=0.01)
+    assert number(r"\(a\)/that ([\d.]+) per epoch", run.stdout) == pytest.approx(ours / whole, abs=0.02)
     assert toy_rows() == rows_before
 
 

@@ -386,12 +386,13 @@ class TrainStream(IterableDataset):
             next(samples)
         done = len(range(worker, self.resume.micro_batches, self.workers))
         quota = self.worker_quota(worker)
-        batches = decode_batches(samples, self.decoder, self.batch_size, slot_seed, worker, start)
-        for batch in batches:
-            if done >= quota:
-                return
+        if done >= quota:
+            return
+        for batch in decode_batches(samples, self.decoder, self.batch_size, slot_seed, worker, start):
             done += bool(batch.keys)
             yield batch
+            if done >= quota:  # before asking for another: that would decode a batch nobody takes
+                return
 
 
 class EvalStream(IterableDataset):

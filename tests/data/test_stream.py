@@ -116,6 +116,35 @@ def stream_keys(urls, rank, world, workers, epoch, micro_batches, seed=0, resume
     return [b for b in make_loader(stream, data, False) if b.keys]
 
 
+class CountingDecoder(Decoder):
+    """The test decoder, counting the samples it decodes (in this process: the loader has no workers)."""
+
+    def __init__(self):
+        super().__init__(32, MEAN, STD)
+        self.decoded = 0
+
+    def worker_item(self, sample, sample_seed):
+        self.decoded += 1
+        return super().worker_item(sample, sample_seed)
+
+
+@pytest.mark.parametrize("resumed_after", [0, 4, 6])
+def test_an_epoch_decodes_only_the_samples_it_delivers(tmp_path, resumed_after):
+    """The oracle: the batches left in the epoch times the batch size (no sample is corrupt). Before, each
+    worker decoded one more batch after its last, and threw it away: a batch per worker per epoch (in
+    bench/data_throughput.py's 9-batch epoch, 2 of 11 batches decoded), and the epoch's end waited for it."""
+    urls = [str(p) for p in write_shards(tmp_path, "train", [16, 16])]
+    data = DataConfig(train_shards="x", val_shards="y", workers=0, shuffle_buffer=8)
+    position = StreamPosition()
+    for batch in stream_keys(urls, 0, 1, 0, epoch=0, micro_batches=6)[:resumed_after]:
+        position.advance(batch)
+    counting = CountingDecoder()
+    stream = TrainStream(urls, data, counting, 4, 0, 1, 0, 0, 6, 0, resume=position)
+    delivered = [batch for batch in make_loader(stream, data, False) if batch.keys]
+    assert len(delivered) == 6 - resumed_after
+    assert counting.decoded == (6 - resumed_after) * 4
+
+
 def test_uneven_shards_give_every_rank_the_same_number_of_batches(tmp_path):
     urls = [str(p) for p in write_shards(tmp_path, "train", [20, 20, 20, 20, 3])]
     counts = [len(stream_keys(urls, rank, 2, 2, epoch=0, micro_batches=9)) for rank in range(2)]
