@@ -7,6 +7,8 @@ A `UserError` is bad input the user can fix (exit 2, one line, before work is do
 
 from __future__ import annotations
 
+import sys
+
 
 class DistTrainError(Exception):
     exit_code = 1
@@ -48,6 +50,14 @@ class TrainingStopped(DistTrainError, RuntimeError):
 
 class CoverageError(DistTrainError, RuntimeError):
     """Validation samples were dropped or counted twice."""
+
+
+def say(line: str) -> None:
+    """`line` and its newline on stderr in one write. The ranks of a job share one stderr, and `print` writes the
+    text and the newline separately: with an unbuffered stderr (PYTHONUNBUFFERED, as under torchrun in the
+    tests) two ranks' error lines came out as one line and an empty one. One write of a short line is atomic."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def first_line(error: BaseException) -> str:

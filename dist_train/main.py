@@ -24,7 +24,7 @@ from typing import IO, TYPE_CHECKING
 
 from dist_train.cli_help import ArgumentParser, exit_codes
 from dist_train.config import Config, ConfigError, blame_override, load_config, save_config
-from dist_train.errors import DistTrainError, LaunchError, RunLocked, RunRefused, WeightsError, one_line
+from dist_train.errors import DistTrainError, LaunchError, RunLocked, RunRefused, WeightsError, one_line, say
 from dist_train.summary import format_summary
 from dist_train.train import preemption
 from dist_train.train.resume_check import (
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         preflight(cfg, args.config or "<defaults>", args.set)
     except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
+        say(f"config error: {error}")
         return 2
     under_launcher = preemption.installed()  # submitit's TrainingJob installed them and requeues on Preempted
     if not under_launcher:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         env = distributed.init_distributed(cfg.train.device, cfg.engine.timeout_s,
                                            always=cfg.engine.kind == "deepspeed")
     except LaunchError as error:
-        print(f"error: {error}", file=sys.stderr)
+        say(f"error: {error}")
         return error.exit_code
     _setup_logging(env)
     try:
@@ -227,10 +227,10 @@ def _run(cfg: Config, env: DistEnv, resume: str, reraise_preempted: bool) -> int
             log.warning("preempted: %s", notice)
             raise
         if env.is_main:
-            print(preempted_line(notice, cfg.run_dir), file=sys.stderr)
+            say(preempted_line(notice, cfg.run_dir))
         return 0
     except DistTrainError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
+        say(f"error: {one_line(error)}")
         return error.exit_code
     finally:
         if lock is not None:

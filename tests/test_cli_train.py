@@ -149,3 +149,33 @@ def test_summary_of_an_unfinished_unfreeze_reads_as_words(tmp_path):
     assert rows["best checkpoint"].startswith("none") and rows["best alpha"] == "-"
     assert rows["report"].startswith("not written (tracking.html_report: false)")
     assert f"launch/report.py {tmp_path / 'test_tiny'}" in rows["report"]
+
+
+class _Writes:
+    """A stderr that keeps each write call apart, as the pipe two ranks share receives them."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("mistake", [["train.epochs=0"], ["checkpoint.resume={run_root}/no-such-checkpoint"]],
+                         ids=["config error", "error in the run"])
+def test_an_error_line_reaches_stderr_in_one_write(mistake, shards, tmp_path, monkeypatch):
+    """Ranks under torchrun share one unbuffered stderr; `print` wrote the text and then the newline, and two
+    ranks' lines came out joined (CI, 2026-12-01: "...NEW_NAME)error: cannot resume ..."). The oracle: the
+    line and its newline are one write, which a pipe delivers whole."""
+    from dist_train.main import main
+
+    stderr = _Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    settings = [item.format(run_root=tmp_path) for item in mistake]
+    assert main(["--config", CONFIG, "--set", *shard_settings(shards, tmp_path), *settings]) == 2
+    errors = [call for call in stderr.calls if "error" in call]
+    assert errors and all(call.endswith("\n") and call.count("\n") == 1 for call in errors), stderr.calls
