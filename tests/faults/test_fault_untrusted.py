@@ -84,3 +84,39 @@ def test_tampered_checkpoint_metadata_runs_nothing_on_resume(shards, tmp_path, m
     code, stderr = main_in_process(main_argv(overrides(shards, run_root, "train.epochs=2"), resume="auto"))
     assert not marker.exists(), "resuming from the tampered checkpoint ran the payload"
     assert code != 0 and str(tampered.parent) in stderr, stderr[-2000:]
+
+
+def _deepspeed_tampered_resume(env, shards, run_root: Path, marker: Path) -> tuple[str, str]:
+    """Train a step under DeepSpeed ZeRO-1 and save; put the payload into the saved optimizer states (DeepSpeed
+    unpickles them with weights_only=False); resume. Returns (the tampered file, the error the resume raised)."""
+    from dist_train.errors import CheckpointError
+    from dist_train.train.checkpoint import read_pointer
+    from dist_train.train.loop import Trainer
+    from run_helpers import tiny_config
+
+    cfg = tiny_config(shards, run_root, "engine.kind=deepspeed", "engine.zero_stage=1", "train.steps_per_epoch=1")
+    trainer = Trainer(cfg, env)
+    trainer.enter_phase(0)
+    trainer.run_steps(0, 1)
+    folder = trainer.save_checkpoint()
+    trainer.tracker.finish(trainer.summary())
+    tampered = next(folder.rglob("*optim_states.pt"))
+    states = torch.load(tampered, map_location="cpu", weights_only=False)  # the file this test just wrote
+    torch.save({**states, "extra": _Payload(marker)}, tampered)
+    root = cfg.run_dir / "checkpoints"
+    try:
+        Trainer(cfg, env, resume_from=root / str(read_pointer(root / "latest")))
+    except CheckpointError as error:
+        return str(tampered), str(error)
+    return str(tampered), ""
+
+
+@pytest.mark.slow
+def test_tampered_deepspeed_checkpoint_runs_nothing_on_resume(make_shards, tmp_path, marker):
+    """DeepSpeed's own loader would unpickle the payload (weights_only=False); the resume refuses the file first."""
+    from multiprocess import run_on_ranks
+
+    ((tampered, error),) = run_on_ranks(_deepspeed_tampered_resume, 1, make_shards(), tmp_path / "runs", marker,
+                                        spawn=True)
+    assert not marker.exists(), "resuming from the tampered DeepSpeed checkpoint ran the payload"
+    assert error.startswith(tampered) and "posix.system" in error and "refusing" in error, error
