@@ -92,6 +92,7 @@ def _deepspeed_tampered_resume(env, shards, run_root: Path, marker: Path) -> tup
     from dist_train.errors import CheckpointError
     from dist_train.train.checkpoint import read_pointer
     from dist_train.train.loop import Trainer
+
     from run_helpers import tiny_config
 
     cfg = tiny_config(shards, run_root, "engine.kind=deepspeed", "engine.zero_stage=1", "train.steps_per_epoch=1")
