@@ -87,9 +87,12 @@ def test_tampered_checkpoint_metadata_runs_nothing_on_resume(shards, tmp_path, m
 
 
 def _deepspeed_tampered_resume(env, shards, run_root: Path, marker: Path) -> tuple[str, str]:
-    """Train a step under DeepSpeed ZeRO-1 and save; put the payload into the saved optimizer states (DeepSpeed
-    unpickles them with weights_only=False); resume. Returns (the tampered file, the error the resume raised)."""
+    """Train a step under DeepSpeed ZeRO-1 on two ranks and save; rank 0 puts the payload into its saved
+    optimizer states (DeepSpeed unpickles them with weights_only=False); resume. The ranks share the check,
+    and this file (the second of three, sorted) is rank 1's to read: rank 0 must refuse it too.
+    Returns (the tampered file, the error the resume raised on this rank)."""
     from dist_train.errors import CheckpointError
+    from dist_train.train import distributed
     from dist_train.train.checkpoint import read_pointer
     from dist_train.train.loop import Trainer
 
@@ -101,9 +104,11 @@ def _deepspeed_tampered_resume(env, shards, run_root: Path, marker: Path) -> tup
     trainer.run_steps(0, 1)
     folder = trainer.save_checkpoint()
     trainer.tracker.finish(trainer.summary())
-    tampered = next(folder.rglob("*optim_states.pt"))
-    states = torch.load(tampered, map_location="cpu", weights_only=False)  # the file this test just wrote
-    torch.save({**states, "extra": _Payload(marker)}, tampered)
+    tampered = folder / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    if env.is_main:
+        states = torch.load(tampered, map_location="cpu", weights_only=False)  # the file this test just wrote
+        torch.save({**states, "extra": _Payload(marker)}, tampered)
+    distributed.barrier(env)
     root = cfg.run_dir / "checkpoints"
     try:
         Trainer(cfg, env, resume_from=root / str(read_pointer(root / "latest")))
@@ -114,10 +119,10 @@ def _deepspeed_tampered_resume(env, shards, run_root: Path, marker: Path) -> tup
 
 @pytest.mark.slow
 def test_tampered_deepspeed_checkpoint_runs_nothing_on_resume(make_shards, tmp_path, marker):
-    """DeepSpeed's own loader would unpickle the payload (weights_only=False); the resume refuses the file first."""
+    """DeepSpeed's own loader would unpickle the payload (weights_only=False); every rank refuses the file first."""
     from multiprocess import run_on_ranks
 
-    ((tampered, error),) = run_on_ranks(_deepspeed_tampered_resume, 1, make_shards(), tmp_path / "runs", marker,
-                                        spawn=True)
+    ranks = run_on_ranks(_deepspeed_tampered_resume, 2, make_shards(), tmp_path / "runs", marker, spawn=True)
     assert not marker.exists(), "resuming from the tampered DeepSpeed checkpoint ran the payload"
-    assert error.startswith(tampered) and "posix.system" in error and "refusing" in error, error
+    for tampered, error in ranks:
+        assert error.startswith(tampered) and "posix.system" in error and "refusing" in error, error

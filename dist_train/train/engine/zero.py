@@ -129,7 +129,7 @@ class DeepSpeedEngine:
         """Same world size, or ZeRO-0 (nothing partitioned): a direct load; ZeRO 1-2 on another size: universal
         (DeepSpeed's converter, run once by rank 0), then the buffers, which a universal load leaves out.
         Every file is first read by torch's weights-only unpickler (`refuse_unsafe_files`)."""
-        refuse_unsafe_files(folder)
+        refuse_unsafe_files(folder, self.env)
         if saved_world_size == self.env.world_size or self.cfg.engine.zero_stage == 0:
             self.engine.load_checkpoint(str(folder), tag=TAG)
             return
@@ -160,7 +160,7 @@ def _channels_last_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any,
     return (images.contiguous(memory_format=torch.channels_last), *rest)
 
 
-def refuse_unsafe_files(folder: Path) -> None:
+def refuse_unsafe_files(folder: Path, env: DistEnv) -> None:
     """Refuse a checkpoint whose DeepSpeed files hold anything but tensors, containers and DeepSpeed's own
     three small classes, before DeepSpeed unpickles them.
 
@@ -168,22 +168,32 @@ def refuse_unsafe_files(folder: Path) -> None:
     `weights_only=False`, which runs whatever a tampered file names. Each `.pt` file under `folder` is read
     here first by torch's weights-only unpickler, memory-mapped (no tensor data is read: 253 files of a
     test checkpoint took 0.17 s), allowing only the classes DeepSpeed 0.19 writes (found in every file
-    of ZeRO 0-2 checkpoints, fp32/bf16/fp16, and their universal conversions)."""
+    of ZeRO 0-2 checkpoints, fp32/bf16/fp16, and their universal conversions). Each rank reads its share
+    of the files (a universal checkpoint holds four per parameter) and every rank learns the verdict."""
+    files = sorted(folder.rglob("*.pt"))
+    mine = [problem for path in files[env.rank::env.world_size] if (problem := _unsafe_problem(path))]
+    gathered = distributed.gather_to_main(env, mine)
+    problems = distributed.broadcast_object(env, [problem for part in gathered or [] for problem in part])
+    if problems:
+        raise CheckpointError(problems[0])
+
+
+def _unsafe_problem(path: Path) -> str | None:
+    """Why `path` must not reach DeepSpeed's unpickler, or None."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     allowed = [LossScaler, ZeroStageEnum, fragment_address]
-    names = {f"{kind.__module__}.{kind.__qualname__}" for kind in allowed}
-    for path in sorted(folder.rglob("*.pt")):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (pickle.UnpicklingError, RuntimeError) as error:
-            found = [name for name in _globals_in(path) if name not in names]
-            what = f"refers to {', '.join(found)}" if found else f"cannot be read safely ({first_line(error)})"
-            raise CheckpointError(f"{path} {what}, which a DeepSpeed checkpoint never holds: refusing to let "
-                                  f"DeepSpeed unpickle it") from None
+    try:
+        with torch.serialization.safe_globals(allowed):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError) as error:
+        names = {f"{kind.__module__}.{kind.__qualname__}" for kind in allowed}
+        found = [name for name in _globals_in(path) if name not in names]
+        what = f"refers to {', '.join(found)}" if found else f"cannot be read safely ({first_line(error)})"
+        return f"{path} {what}, which a DeepSpeed checkpoint never holds: refusing to let DeepSpeed unpickle it"
+    return None
 
 
 def _globals_in(path: Path) -> list[str]:
