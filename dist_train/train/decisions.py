@@ -30,7 +30,13 @@ def decide(state: TrainerState, cfg: Config, epoch: int, train_predicted_positiv
     limit = cfg.health.max_epochs_without_positives
     if limit is not None and starved_of_positives(state.epochs_without_positives, limit):
         return Decision(improved, Stop.HEALTH, no_positives_message(state.epochs_without_positives, limit))
-    patience = cfg.eval.early_stopping_patience
-    if patience is not None and state.evals_without_improvement >= patience:
-        return Decision(improved, Stop.EARLY, f"{cfg.eval.metric} did not improve for {patience} evaluations")
+    if patience_spent(state, cfg):
+        return Decision(improved, Stop.EARLY,
+                        f"{cfg.eval.metric} did not improve for {cfg.eval.early_stopping_patience} evaluations")
     return Decision(improved)
+
+
+def patience_spent(state: TrainerState, cfg: Config) -> bool:
+    """The early-stopping rule: as many evaluations without improvement as `eval.early_stopping_patience`."""
+    patience = cfg.eval.early_stopping_patience
+    return patience is not None and state.evals_without_improvement >= patience

@@ -50,7 +50,7 @@ from dist_train.tracking import Tracker
 from dist_train.train import distributed, preemption
 from dist_train.train.bad_samples import BadSamples
 from dist_train.train.checkpoint import Checkpointer, checkpoint_name, read_trainer_state
-from dist_train.train.decisions import decide
+from dist_train.train.decisions import decide, patience_spent
 from dist_train.train.distributed import DistEnv
 from dist_train.train.engine import build_engine
 from dist_train.train.epoch_stats import EpochStats, EpochSums
@@ -149,11 +149,11 @@ class Trainer:
         if self.state.epoch >= self.cfg.train.epochs:
             return f"this run has trained all {self.cfg.train.epochs} epochs (train.epochs) already", \
                 "raise train.epochs to train on"
-        patience = self.cfg.eval.early_stopping_patience
-        if self.state.epoch > 0 and patience is not None and self.state.evals_without_improvement >= patience:
+        if self.state.epoch > 0 and patience_spent(self.state, self.cfg):
             return (f"this run stopped early after epoch {self.state.epoch - 1} ({self.cfg.eval.metric} did not "
                     f"improve for {self.state.evals_without_improvement} evaluations, "
-                    f"eval.early_stopping_patience={patience})"), "raise eval.early_stopping_patience to train on"
+                    f"eval.early_stopping_patience={self.cfg.eval.early_stopping_patience})"), \
+                "raise eval.early_stopping_patience to train on"
         return None
 
     def _write_report(self) -> None:

@@ -170,21 +170,22 @@ def refuse_unsafe_files(folder: Path, env: DistEnv) -> None:
     test checkpoint took 0.17 s), allowing only the classes DeepSpeed 0.19 writes (found in every file
     of ZeRO 0-2 checkpoints, fp32/bf16/fp16, and their universal conversions). Each rank reads its share
     of the files (a universal checkpoint holds four per parameter) and every rank learns the verdict."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, ZeroStageEnum, fragment_address]
     files = sorted(folder.rglob("*.pt"))
-    mine = [problem for path in files[env.rank::env.world_size] if (problem := _unsafe_problem(path))]
+    mine = [problem for path in files[env.rank::env.world_size] if (problem := _unsafe_problem(path, allowed))]
     gathered = distributed.gather_to_main(env, mine)
     problems = distributed.broadcast_object(env, [problem for part in gathered or [] for problem in part])
     if problems:
         raise CheckpointError(problems[0])
 
 
-def _unsafe_problem(path: Path) -> str | None:
-    """Why `path` must not reach DeepSpeed's unpickler, or None."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [LossScaler, ZeroStageEnum, fragment_address]
+def _unsafe_problem(path: Path, allowed: list[Any]) -> str | None:
+    """Why `path` must not reach DeepSpeed's unpickler (it names more than torch's safe globals and `allowed`),
+    or None."""
     try:
         with torch.serialization.safe_globals(allowed):
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
