@@ -59,7 +59,9 @@ def test_v3_recipe_with_build_time_clahe_against_its_per_core_ceiling(tmp_path):
     assert number(r"\(a\)/ceiling = ([\d.]+)", run.stdout) == pytest.approx(ours / ceiling, abs=0.01)
     whole_ms = number(r"one thread \(workers=0, shard read to batch\): \(a\) ([\d.]+) ms/img", run.stdout)
     whole = number(r"\(a\) [\d.]+ ms/img, ceiling 1 x 1/[\d.]+ ms = ([\d.]+) img/s", run.stdout)
-    assert whole == pytest.approx(1000 / whole_ms, rel=0.01)
+    # whole_ms is printed to 0.01 ms and the rate comes from the unrounded figure: at the toy size (~0.4 ms/img)
+    # that rounding alone moves 1000/ms by over 1%, so the rate is checked against the printed figure's interval.
+    assert 1000 / (whole_ms + 0.005) <= whole + 0.5 and whole - 0.5 <= 1000 / (whole_ms - 0.005), (whole, whole_ms)
     assert number(r"\(a\)/that ([\d.]+) per epoch", run.stdout) == pytest.approx(ours / whole, abs=0.02)
     assert toy_rows() == rows_before
 
