@@ -15,8 +15,10 @@ CLAHE in our Decoder and in the torchvision transforms). Then, in interleaved ro
 
   (a) ours:        TrainStream + make_loader (dist_train/data/stream.py), --workers workers: shard read,
                    decode, CLAHE (epoch), the Augmenter on the 8-bit PIL image, then the batch's 8-bit
-                   images normalised straight into one float32 batch in shared memory (Decoder.collate)
-                   and handed to the main process;
+                   images normalised straight into a float32 batch in shared memory (Decoder.collate),
+                   one of the few each worker reuses (dist_train/data/buffers.py), handed to the main process;
+  (a0) ours as before that reuse: the same, but a new shared float batch for every batch (Decoder
+                   reuse_buffers=False), whose pages the kernel faults in and zeroes each time;
   (b) torchvision: ImageFolder + DataLoader, same workers and batch size, the idiomatic transforms of the
                    same recipe (RandomAffine, ColorJitter brightness, flips on a uint8 tensor, ToDtype,
                    Normalize; CLAHE first with --clahe epoch);
@@ -25,22 +27,24 @@ CLAHE in our Decoder and in the torchvision transforms). Then, in interleaved ro
   (a') uint8 batches, normalised on the device: the product's TrainStream + make_loader, its decode and
                    Augmenter unchanged, but the decoder stops at the augmented uint8 pixels, so the workers
                    stack and ship uint8 batches (what GPU runs do: the device normalises; not included here).
-  (a) and (a') in one thread: the same loaders with workers=0, whose steady rate is the per-image work of
-                   the whole pipeline (shard read, shuffle buffer, decode, augmentation, batching), not of the
-                   stages timed one by one; (a)/that ceiling is how well the workers share the cores.
+  (a) and (a') with one worker: the same loaders with workers=1, whose CPU time per image (the worker's
+                   process_time at each batch, steady) is the work of the whole pipeline (shard read, shuffle
+                   buffer, decode, augmentation, batching, hand-over), not of the stages timed one by one;
+                   (a)/that ceiling is how well the workers share the cores.
 
 The per-core ceiling of (a) is min(workers, cores) x 1 / (its per-image CPU work), the work measured in one
-thread: the 8-bit whole-sample decoder plus its share of normalising the batch into one shared float batch
-(what a worker pays to hand a batch over); likewise for (a') with the uint8 decoder and its uint8 batch
-stacked into shared memory (torch's default_collate). The earlier hand-overs (a float tensor per image,
-stacked into shared memory, or stacked and then moved there) are printed beside it as "float per image".
+thread: the 8-bit whole-sample decoder plus its share of normalising the batch into a reused shared float
+batch (what a worker pays to hand a batch over); likewise for (a') with the uint8 decoder and its uint8 batch
+stacked into a reused shared batch. The earlier hand-overs (into a new shared batch each time, as torch's
+default_collate allocates; a float tensor per image, stacked into shared memory, or stacked and then moved
+there) are printed beside it.
 Each rate is given per epoch (worker start-up included, as every epoch pays it) and steady (after every
 worker's first batch: what a long epoch approaches). Prints the rates, (a)/ceiling (target >= 0.85) and
 (a)/(b) (target >= 1.5), the same for (a'), and a per-stage cost breakdown in one thread (decode, CLAHE,
 Augmenter and its affine, to_normalised_tensor; per batch of 32 the stacks, their shared-memory moves, a
-float batch stacked straight into shared memory as default_collate does in a worker, and the uint8 images
-normalised into a shared float batch as the product does). From these it says what bounds the pipeline.
-Appends a dated row to bench/RESULTS.md.
+float batch stacked straight into shared memory as default_collate does in a worker, and the uint8
+images normalised into a new and into a reused shared float batch, the product's way). From these it says
+what bounds the pipeline. Appends a dated row to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as F
 from common import ROOT, append_row, load_average, verdict
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.datasets import ImageFolder
 
 from dist_train import compat
@@ -84,7 +88,9 @@ FLOAT_SHM, UINT8_SHM = "stack float + move to shared memory (batch)", "stack uin
 AFFINE = "  F.affine PIL, nearest (the recipes' default)"
 SHARED = "stack float into shared memory, default_collate's way (batch)"
 UINT8_SHARED = "stack uint8 into shared memory, default_collate's way (batch)"
-INTO = "uint8 images normalised into a shared float batch (batch)"
+INTO = "uint8 images normalised into a new shared float batch (batch)"
+INTO_REUSED = "uint8 images normalised into a reused shared float batch (batch)"
+UINT8_REUSED = "stack uint8 into a reused shared batch (batch)"
 
 
 class Recipe:
@@ -98,8 +104,9 @@ class Recipe:
         self.epoch_clahe = clahe if clahe_at == "epoch" else None
         self.clahe_text = f"CLAHE {clahe} at {clahe_at}" if clahe else "no CLAHE"
 
-    def decoder(self, size: int, normalise: bool = True) -> Decoder:
-        return Decoder(size, MEAN, STD, self.epoch_clahe, Augmenter(self.augment), normalise=normalise)
+    def decoder(self, size: int, normalise: bool = True, reuse: bool = True) -> Decoder:
+        return Decoder(size, MEAN, STD, self.epoch_clahe, Augmenter(self.augment), normalise=normalise,
+                       reuse_buffers=reuse)
 
     def describe(self) -> str:
         a = self.augment
@@ -165,6 +172,31 @@ def epoch_rates(loader, workers: int) -> tuple[float, float]:
     return sum(sizes) / (arrivals[-1] - started), steady
 
 
+class WorkerClock(IterableDataset):
+    """The stream's batches, each with its worker's CPU time (all its threads, user + system) when it was made."""
+
+    def __init__(self, stream: TrainStream):
+        self.stream = stream
+
+    def __iter__(self):
+        for batch in self.stream:
+            yield batch, time.process_time()
+
+
+def one_worker_rates(shards: Path, args, epoch: int, decoder: Decoder, augment: AugmentConfig) -> tuple[float, float]:
+    """Images per second of one worker's CPU time: over the epoch (its start-up included: a forked worker
+    copies the parent's pages it touches), and steady (from its first batch to its last), the per-image work
+    of everything a worker does (shard read, shuffle buffer, decode, augmentation, the batch into its reused
+    shared tensor, the handle sent), where the stage costs time each stage on its own. The steady figure is
+    the whole-pipeline ceiling's work, per epoch and steady alike, as the stage ceiling's is."""
+    stream = ours_loader(shards, args, epoch, decoder, augment, workers=1).dataset
+    clocks, sizes = [], []
+    for batch, clock in make_loader(WorkerClock(stream), stream.cfg, pin_memory=False):
+        clocks.append(clock)
+        sizes.append(len(batch.images))
+    return sum(sizes) / clocks[-1], sum(sizes[1:]) / (clocks[-1] - clocks[0])
+
+
 def ours_loader(shards: Path, args, epoch: int, decoder: Decoder, augment: AugmentConfig,
                 workers: int | None = None) -> DataLoader:
     workers = args.workers if workers is None else workers
@@ -228,15 +260,17 @@ def decode_only_rate(files: Path, args) -> float:
 def measure_rates(shards: Path, files: Path, args, recipe: Recipe) -> tuple[dict[str, float], list[float]]:
     """Best images/s of each pipeline over interleaved rounds ("<key> steady": after start-up), and the loads seen."""
     ours, uint8 = recipe.decoder(args.size), recipe.decoder(args.size, normalise=False)
+    fresh = recipe.decoder(args.size, reuse=False)
     loads = [load_average()]
     rates: dict[str, list[float]] = {}
     for round_index in range(args.repeats):
         found = {"a": epoch_rates(ours_loader(shards, args, round_index, ours, recipe.augment), args.workers),
+                 "a0": epoch_rates(ours_loader(shards, args, round_index, fresh, recipe.augment), args.workers),
                  "b": epoch_rates(torchvision_loader(files, args, recipe), args.workers),
                  "c": (decode_only_rate(files, args), float("nan")),
                  "u8": epoch_rates(ours_loader(shards, args, round_index, uint8, recipe.augment), args.workers),
-                 "a 1": epoch_rates(ours_loader(shards, args, round_index, ours, recipe.augment, workers=0), 0),
-                 "u8 1": epoch_rates(ours_loader(shards, args, round_index, uint8, recipe.augment, workers=0), 0)}
+                 "a 1": one_worker_rates(shards, args, round_index, ours, recipe.augment),
+                 "u8 1": one_worker_rates(shards, args, round_index, uint8, recipe.augment)}
         for key, (epoch, steady) in found.items():
             rates.setdefault(key, []).append(epoch)
             rates.setdefault(f"{key} steady", []).append(steady)
@@ -260,10 +294,12 @@ def stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors, out=shared_batch(tensors[0], len(tensors)))
 
 
-def normalise_into_shared(uint8s: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """The product's hand-over (`Decoder.collate` in a worker): the batch's uint8 images converted into a
-    shared float batch and normalised there in place (`decode.normalise_into`)."""
-    return normalise_into(shared_batch(like, len(uint8s)), uint8s, MEAN, STD)
+def normalise_into_shared(uint8s: list[torch.Tensor], like: torch.Tensor,
+                          into: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's uint8 images converted into a shared float batch and normalised there in place
+    (`decode.normalise_into`): a new one each time, or `into`, one the worker reuses (the product's hand-over,
+    `Decoder.collate` into a `buffers.BatchBuffers` slot: no page to fault in and zero)."""
+    return normalise_into(shared_batch(like, len(uint8s)) if into is None else into, uint8s, MEAN, STD)
 
 
 def stage_functions(files: Path, size: int, recipe: Recipe, count: int) -> dict[str, Callable[[int], object]]:
@@ -278,6 +314,7 @@ def stage_functions(files: Path, size: int, recipe: Recipe, count: int) -> dict[
     floats = [to_normalised_tensor(pixels[0], MEAN, STD)] * BATCH
     uint8s = [torch.from_numpy(pixels[0].copy()).permute(2, 0, 1).contiguous()] * BATCH
     clahe = PilClahe(recipe.epoch_clahe or Clahe(2.0, 8))
+    reused_float, reused_uint8 = shared_batch(floats[0], BATCH), shared_batch(uint8s[0], BATCH)
     stages: dict[str, Callable[[int], object]] = {
         "PIL decode": lambda i: Image.open(io.BytesIO(blobs[i])).convert("RGB"),
         "CLAHE (per sample)": lambda i: clahe(pil[i]),
@@ -292,9 +329,11 @@ def stage_functions(files: Path, size: int, recipe: Recipe, count: int) -> dict[
         FLOAT_SHM: lambda i: torch.stack(floats).share_memory_(),
         SHARED: lambda i: stack_shared(floats),
         INTO: lambda i: normalise_into_shared(uint8s, floats[0]),
+        INTO_REUSED: lambda i: normalise_into_shared(uint8s, floats[0], into=reused_float),
         "stack uint8 (batch)": lambda i: torch.stack(uint8s),
         UINT8_SHM: lambda i: torch.stack(uint8s).share_memory_(),
         UINT8_SHARED: lambda i: stack_shared(uint8s),
+        UINT8_REUSED: lambda i: torch.stack(uint8s, out=reused_uint8),
     }
     if recipe.epoch_clahe is None:
         del stages["CLAHE (per sample)"]
@@ -324,10 +363,11 @@ def stage_costs(files: Path, size: int, recipe: Recipe, count: int = 24) -> dict
 def work_ms(costs: dict[str, float]) -> dict[str, float]:
     """Per-image CPU work (ms, one thread) of each way a worker can hand a batch over: the decoder plus its
     share of the batch's hand-over into shared memory. "a" and "u8" are what the product runs (8-bit images
-    normalised into one shared float batch; a uint8 batch stacked there by default_collate); the others are
-    the earlier hand-overs (a float tensor per image, stacked into shared memory, or stacked and then moved),
-    measured in the same process."""
-    return {"a": costs[UINT8] + costs[INTO] / BATCH, "u8": costs[UINT8] + costs[UINT8_SHARED] / BATCH,
+    normalised into a shared float batch the worker reuses; a uint8 batch stacked into one); the others are
+    the earlier hand-overs (into a new shared batch each time; a float tensor per image, stacked into shared
+    memory, or stacked and then moved), measured in the same process."""
+    return {"a": costs[UINT8] + costs[INTO_REUSED] / BATCH, "u8": costs[UINT8] + costs[UINT8_REUSED] / BATCH,
+            "normalised into a new shared batch each time": costs[UINT8] + costs[INTO] / BATCH,
             "float per image, stacked into shared memory": costs[DECODER] + costs[SHARED] / BATCH,
             "float per image, plain stack, then moved to shared memory": costs[DECODER] + costs[FLOAT_SHM] / BATCH}
 
@@ -343,11 +383,13 @@ def ratios(best: dict[str, float], costs: dict[str, float], workers: int) -> dic
             found[f"{key}{phase}/ceiling"] = best[key + phase] * work[key] / (cores * 1000)
             found[f"{key}{phase}/b"] = best[key + phase] / best["b" + phase]
             found[f"{key}{phase}/whole"] = best[key + phase] / (cores * best[f"{key} 1 steady"])
+    for phase in ("", " steady"):
+        found[f"a{phase}/a0"] = best["a" + phase] / best["a0" + phase]
     return found
 
 
 def whole_pipeline_text(best: dict[str, float], r: dict[str, float], workers: int) -> str:
-    """The same pipelines run in this process (workers=0): the per-image work of everything a worker does,
+    """The same pipelines with one worker (its CPU time per image): the work of everything a worker does,
     shard read, shuffle buffer and batching included, where the stage costs time each stage on its own."""
     cores = min(workers, os.cpu_count() or 1)
     parts = []
@@ -355,7 +397,7 @@ def whole_pipeline_text(best: dict[str, float], r: dict[str, float], workers: in
         ms = 1000 / best[f"{key} 1 steady"]
         parts.append(f"{name} {ms:.2f} ms/img, ceiling {cores} x 1/{ms:.2f} ms = {cores * 1000 / ms:.0f} img/s, "
                      f"{name}/that {r[key + '/whole']:.2f} per epoch, {r[key + ' steady/whole']:.2f} steady")
-    return "whole pipeline in one thread (workers=0, shard read to batch): " + "; ".join(parts)
+    return "whole pipeline, one worker's CPU time (workers=1, shard read to batch sent): " + "; ".join(parts)
 
 
 def rate_text(best: dict[str, float], key: str) -> str:
@@ -367,7 +409,7 @@ def bound_sentence(costs: dict[str, float], workers: int) -> str:
     cores = min(workers, os.cpu_count() or 1)
     parts = {"decode": costs["PIL decode"], "CLAHE": costs.get("CLAHE (per sample)", 0.0),
              "PIL augmentation": costs["Augmenter (ours, PIL uint8)"],
-             "normalising into the shared float batch": costs[INTO] / BATCH}
+             "normalising into the reused shared float batch": costs[INTO_REUSED] / BATCH}
     parts = {name: ms for name, ms in parts.items() if ms}
     total = sum(parts.values())
     split = ", ".join(f"{name} {ms:.2f} ms ({ms / total:.0%})" for name, ms in parts.items())
@@ -386,7 +428,9 @@ def figures_text(args, recipe: Recipe, best: dict[str, float], loads: list[float
     return (f"{args.n} synthetic JPEGs at {args.size} px, {recipe.describe()}, {args.workers} workers, batch "
             f"{args.batch_size}, best of {args.repeats} (per epoch: worker start-up included, "
             f"{args.n // args.batch_size} batches; steady: after every worker's first batch), load avg "
-            f"{min(loads):.1f}-{max(loads):.1f}: (a) ours {rate_text(best, 'a')}, per-core ceiling {cores} x "
+            f"{min(loads):.1f}-{max(loads):.1f}: (a) ours {rate_text(best, 'a')}; (a0) ours with a new shared "
+            f"batch per batch (before the reuse) {rate_text(best, 'a0')}, (a)/(a0) {r['a/a0']:.2f} per epoch, "
+            f"{r['a steady/a0']:.2f} steady; per-core ceiling {cores} x "
             f"1/{work['a']:.2f} ms = {cores * 1000 / work['a']:.1f} img/s; (b) torchvision ImageFolder "
             f"{rate_text(best, 'b')}; (c) decode-only {best['c']:.1f} img/s; (a)/ceiling {r['a/ceiling']:.2f} per "
             f"epoch, {r['a steady/ceiling']:.2f} steady (target 0.85, {verdict(r['a/ceiling'], 0.85)} / "
@@ -399,15 +443,17 @@ def figures_text(args, recipe: Recipe, best: dict[str, float], loads: list[float
             f" ms, our Decoder {costs[DECODER]:.2f} ms, uint8 decoder {costs[UINT8]:.2f} ms, torchvision transforms "
             f"{costs['torchvision transforms (b)']:.2f} ms; per batch of {BATCH}: stack float "
             f"{costs['stack float (batch)']:.0f} ms (with the move to shared memory {costs[FLOAT_SHM]:.0f} ms; "
-            f"stacked into shared memory {costs[SHARED]:.0f} ms; uint8 normalised into a shared batch "
-            f"{costs[INTO]:.0f} ms), stack uint8 {costs['stack uint8 (batch)']:.0f} ms (with the move "
-            f"{costs[UINT8_SHM]:.0f} ms); {whole_pipeline_text(best, r, args.workers)}; "
+            f"stacked into shared memory {costs[SHARED]:.0f} ms; uint8 normalised into a new shared batch "
+            f"{costs[INTO]:.0f} ms, into a reused one {costs[INTO_REUSED]:.0f} ms), stack uint8 "
+            f"{costs['stack uint8 (batch)']:.0f} ms (with the move {costs[UINT8_SHM]:.0f} ms, into a reused shared "
+            f"batch {costs[UINT8_REUSED]:.0f} ms); {whole_pipeline_text(best, r, args.workers)}; "
             f"{bound_sentence(costs, args.workers)}")
 
 
 def print_summary(args, best: dict[str, float], costs: dict[str, float]) -> None:
     cores, work, r = min(args.workers, os.cpu_count() or 1), work_ms(costs), ratios(best, costs, args.workers)
-    names = {"a": "(a) ours (TrainStream + make_loader)", "b": "(b) torchvision ImageFolder + DataLoader",
+    names = {"a": "(a) ours (TrainStream + make_loader)", "a0": "(a0) ours, a new shared batch per batch",
+             "b": "(b) torchvision ImageFolder + DataLoader",
              "c": "(c) decode-only", "u8": "(a') uint8 batches, normalised on the device"}
     for key, name in names.items():
         steady = f", {best[key + ' steady']:7.1f} steady" if key + " steady" in best else ""
@@ -420,6 +466,8 @@ def print_summary(args, best: dict[str, float], costs: dict[str, float]) -> None
               f"{verdict(epoch, target)} / {verdict(steady, target)})")
     print(f"  (a')/ceiling = {r['u8/ceiling']:.2f} / {r['u8 steady/ceiling']:.2f}, (a')/(b) = {r['u8/b']:.2f} / "
           f"{r['u8 steady/b']:.2f}")
+    print(f"  (a)/(a0) = {r['a/a0']:.2f} per epoch, {r['a steady/a0']:.2f} steady (reused shared batches against a "
+          f"new one per batch)")
     print(f"  {whole_pipeline_text(best, r, args.workers)}")
     print(f"\ncost in one thread (ms per image; '(batch)' lines per batch of {BATCH}):")
     for name, ms in costs.items():

@@ -17,9 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import default_collate, get_worker_info
 
-from dist_train import compat
 from dist_train.data.augment import Augmenter, AugmentParams, normalisation, to_normalised_tensor
 from dist_train.data.transforms import apply_clahe
 from dist_train.errors import DataError
@@ -133,6 +131,9 @@ class Decoder:
     augmenter: Augmenter | None = None
     normalise: bool = True
     on_device: bool = False
+    reuse_buffers: bool = True
+    """In DataLoader workers, write batches into reused shared tensors (`buffers.py`); False: a new one per
+    batch, as before (bench/data_throughput.py's baseline)."""
 
     def __post_init__(self) -> None:
         if self.on_device and self.clahe is not None:
@@ -146,15 +147,21 @@ class Decoder:
                                        url=str(sample.get("__url__")))
         return _chw(self._pixels(sample, sample_seed))
 
-    def collate(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """`worker_item`s as one batch: the 8-bit images stacked, or, when this decoder normalises, normalised
-        straight into one float batch (in shared memory in a DataLoader worker), the values of
-        `to_normalised_tensor` image by image. One float batch written once, instead of a float tensor per
-        image stacked into shared memory, was a fifth of a worker's per-image work (bench/data_throughput.py)."""
+    def batch_layout(self, images: list[torch.Tensor]) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of `collate`'s batch of these `worker_item`s."""
+        return (len(images), *images[0].shape), torch.float32 if self.normalise else images[0].dtype
+
+    def collate(self, images: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """`worker_item`s as one batch, written into `out` (a worker's pooled shared tensor, `buffers.batch_buffer`)
+        or a new tensor: the 8-bit images stacked, or, when this decoder normalises, normalised straight into
+        one float batch, the values of `to_normalised_tensor` image by image. One float batch written once,
+        instead of a float tensor per image stacked into shared memory, was a fifth of a worker's per-image
+        work (bench/data_throughput.py)."""
+        if out is None:
+            shape, dtype = self.batch_layout(images)
+            out = torch.empty(shape, dtype=dtype)
         if not self.normalise:
-            return default_collate(images)
-        shape = (len(images), *images[0].shape)
-        out = compat.shared_empty(shape, torch.float32) if get_worker_info() is not None else torch.empty(shape)
+            return torch.stack(images, out=out)
         return normalise_into(out, images, self.mean, self.std)
 
     def __call__(self, sample: dict[str, Any], sample_seed: int) -> torch.Tensor:

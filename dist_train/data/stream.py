@@ -44,6 +44,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
 from dist_train.config import DataConfig
+from dist_train.data.buffers import Lease, batch_buffer
 from dist_train.data.decode import Decoder, EncodedBatch, EncodedSample
 from dist_train.errors import DataError
 
@@ -287,6 +288,15 @@ class Batch:
     """(shard, key, reason) of corrupt samples skipped since the previous batch of this worker."""
     encoded: EncodedBatch | None = None
     """data.decode=cuda: the samples still to decode on the device (`images` is then empty)."""
+    lease: Lease | None = None
+    """The worker's slot `images` was written into (`buffers.py`), given back when its storage dies here."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled in the main process: arm the lease, so the worker writes that slot again only once the
+        last tensor on it is gone."""
+        self.__dict__.update(state)
+        if self.lease is not None:
+            self.lease.arm(self.images)
 
     def pin_memory(self) -> Batch:
         """What the DataLoader's pinning thread calls (`data.pin_memory` on a GPU run): page-locked
@@ -326,14 +336,15 @@ def decode_batches(samples: Iterator[dict[str, Any]], decoder: Decoder, batch_si
 
 def _batch(decoder: Decoder, images: list[Any], labels: list[int], keys: list[str], worker: int, position: int,
            bad: list[tuple[str, str, str]]) -> Batch:
-    """The decoder's batch of the images (`Decoder.collate`: one tensor written straight into shared memory
-    in a worker, which a tensor stacked and sent would be copied into again), or (bytes-only Decoder) the
-    encoded samples for the device to decode."""
+    """The decoder's batch of the images (`Decoder.collate`: in a worker, written straight into one of its
+    reusable shared tensors, which a tensor stacked and sent would be copied into again), or (bytes-only
+    Decoder) the encoded samples for the device to decode."""
     targets = torch.tensor(labels, dtype=torch.float32)
     if isinstance(images[0], EncodedSample):
         encoded = EncodedBatch.of(images)
         return Batch(torch.empty(0, dtype=torch.uint8), targets, keys, worker, position, bad, encoded)
-    return Batch(decoder.collate(images), targets, keys, worker, position, bad)
+    out, lease = batch_buffer(*decoder.batch_layout(images), reuse=decoder.reuse_buffers)
+    return Batch(decoder.collate(images, out), targets, keys, worker, position, bad, lease=lease)
 
 
 # ---------------------------------------------------------------- datasets
