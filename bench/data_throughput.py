@@ -323,7 +323,7 @@ def stage_functions(files: Path, size: int, recipe: Recipe, count: int) -> dict[
         "  (F.affine PIL, bilinear)": lambda i: F.affine(pil[i], **affine, interpolation=F.InterpolationMode.BILINEAR),
         "to_normalised_tensor": lambda i: to_normalised_tensor(pixels[i], MEAN, STD),
         DECODER: lambda i: ours({"jpg": blobs[i]}, i),
-        UINT8: lambda i: uint8_decoder({"jpg": blobs[i]}, i),
+        UINT8: lambda i: uint8_decoder.worker_item({"jpg": blobs[i]}, i),
         "torchvision transforms (b)": lambda i: tv(pil[i]),
         "stack float (batch)": lambda i: torch.stack(floats),
         FLOAT_SHM: lambda i: torch.stack(floats).share_memory_(),

@@ -108,7 +108,7 @@ class Augmenter:
                              scale=params.scale, shear=[0.0, 0.0],
                              interpolation=F.InterpolationMode(self.cfg.interpolation))
         if params.brightness != 1.0:
-            image = F.adjust_brightness(image, params.brightness)
+            image = adjust_brightness(image, params.brightness)
         if params.contrast != 1.0:
             image = F.adjust_contrast(image, params.contrast)
         if params.hflip:
@@ -116,6 +116,15 @@ class Augmenter:
         if params.vflip:
             image = F.vertical_flip(image)
         return image
+
+
+def adjust_brightness(image: Image.Image, factor: float) -> Image.Image:
+    """torchvision's `adjust_brightness` on a PIL image, as a 256-entry lookup table. That is PIL's
+    ImageEnhance: a blend with a black image made for it, each pixel `factor * v` in 32-bit floats, clipped
+    and truncated to 8 bits; the table holds those very values (tests/data/test_augment.py compares every
+    value, over thousands of factors, with torchvision's), in 0.2 ms where the blend took 0.5 (384 px)."""
+    table = np.clip(np.float32(factor) * np.arange(256, dtype=np.float32), 0, 255).astype(np.uint8)
+    return image.point(table.tolist() * len(image.getbands()))
 
 
 def augment_batch(images: torch.Tensor, params: torch.Tensor, interpolation: str = "nearest") -> torch.Tensor:
