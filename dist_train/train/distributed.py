@@ -121,6 +121,13 @@ def gather_to_main(env: DistEnv, obj: Any) -> list[Any] | None:
     return gathered
 
 
+def problems_of_all(env: DistEnv, mine: list[str]) -> list[str]:
+    """Every rank's problems, in rank order, on every rank: the verdict of a check whose work the ranks shared
+    (each hashed or read its share of the files), so that all of them stop, or none."""
+    gathered = gather_to_main(env, mine)
+    return broadcast_object(env, [problem for part in gathered or [] for problem in part])
+
+
 def all_reduce_sum(env: DistEnv, values: torch.Tensor) -> torch.Tensor:
     """Sum a small tensor over ranks (counts, losses); a copy, the input is untouched."""
     total = values.detach().clone()

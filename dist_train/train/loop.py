@@ -114,9 +114,7 @@ class Trainer:
         """Every rank hashes its share of the shards; every rank learns the whole verdict."""
         mine = verify_against_manifest(self.train_urls + self.val_urls, self.cfg.data.manifest,
                                        share=(self.env.rank, self.env.world_size))
-        gathered = distributed.gather_to_main(self.env, mine)
-        problems = [problem for part in gathered or [] for problem in part]
-        problems = distributed.broadcast_object(self.env, problems)
+        problems = distributed.problems_of_all(self.env, mine)
         if problems:
             raise DataError(f"shard verification failed for {len(problems)} shard(s): {problems[0]}")
 

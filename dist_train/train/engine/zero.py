@@ -177,8 +177,7 @@ def refuse_unsafe_files(folder: Path, env: DistEnv) -> None:
     allowed = [LossScaler, ZeroStageEnum, fragment_address]
     files = sorted(folder.rglob("*.pt"))
     mine = [problem for path in files[env.rank::env.world_size] if (problem := _unsafe_problem(path, allowed))]
-    gathered = distributed.gather_to_main(env, mine)
-    problems = distributed.broadcast_object(env, [problem for part in gathered or [] for problem in part])
+    problems = distributed.problems_of_all(env, mine)
     if problems:
         raise CheckpointError(problems[0])
 
