@@ -189,7 +189,7 @@ def one_worker_rates(shards: Path, args, epoch: int, decoder: Decoder, augment: 
     of everything a worker does (shard read, shuffle buffer, decode, augmentation, the batch into its reused
     shared tensor, the handle sent), where the stage costs time each stage on its own. The steady figure is
     the whole-pipeline ceiling's work, per epoch and steady alike, as the stage ceiling's is."""
-    stream = ours_loader(shards, args, epoch, decoder, augment, workers=1).dataset
+    stream = ours_stream(shards, args, epoch, decoder, augment, workers=1)
     clocks, sizes = [], []
     for batch, clock in make_loader(WorkerClock(stream), stream.cfg, pin_memory=False):
         clocks.append(clock)
@@ -197,14 +197,18 @@ def one_worker_rates(shards: Path, args, epoch: int, decoder: Decoder, augment: 
     return sum(sizes) / clocks[-1], sum(sizes[1:]) / (clocks[-1] - clocks[0])
 
 
-def ours_loader(shards: Path, args, epoch: int, decoder: Decoder, augment: AugmentConfig,
-                workers: int | None = None) -> DataLoader:
+def ours_stream(shards: Path, args, epoch: int, decoder: Decoder, augment: AugmentConfig,
+                workers: int | None = None) -> TrainStream:
     workers = args.workers if workers is None else workers
     cfg = DataConfig(train_shards=str(shards / "train-*.tar"), image_size=args.size, workers=workers,
                      augment=augment)
-    stream = TrainStream(shard_urls(cfg.train_shards), cfg, decoder, args.batch_size, rank=0, world_size=1, seed=0,
-                         epoch=epoch, micro_batches=args.n // args.batch_size, workers=workers)
-    return make_loader(stream, cfg, pin_memory=False)
+    return TrainStream(shard_urls(cfg.train_shards), cfg, decoder, args.batch_size, rank=0, world_size=1, seed=0,
+                       epoch=epoch, micro_batches=args.n // args.batch_size, workers=workers)
+
+
+def ours_loader(shards: Path, args, epoch: int, decoder: Decoder, augment: AugmentConfig) -> DataLoader:
+    stream = ours_stream(shards, args, epoch, decoder, augment)
+    return make_loader(stream, stream.cfg, pin_memory=False)
 
 
 class PilClahe:
